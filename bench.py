@@ -61,8 +61,8 @@ class Settings:
     train_images: int
     val_images: int  # their cached features are the inputs of the beam search comparison
     warmup_steps: int  # training steps before each timed part
-    timed_steps: int  # timed training steps of the grouped + cached path
-    course_steps: int  # timed training steps of the course's path (encoder in the loop: slow)
+    timing_rounds: int  # each round: one timed step of the course's path (encoder in the loop: slow), then
+    cached_steps_per_round: int  # this many timed steps of the grouped + cached path
     beam_training_steps: int  # extra steps that teach the decoder the shapes captions before beam search
     preprocess_images: int  # images create_input_files turns into HDF5, per timed run
     source_size: tuple  # (width, height) of the JPEGs create_input_files reads
@@ -70,10 +70,10 @@ class Settings:
 
 
 FULL = Settings(backbone="resnet101", image_size=256, grid=14, dims=512, train_images=48, val_images=100,
-                warmup_steps=2, timed_steps=10, course_steps=2, beam_training_steps=100,
+                warmup_steps=2, timing_rounds=2, cached_steps_per_round=5, beam_training_steps=100,
                 preprocess_images=300, source_size=(640, 480), preprocess_rounds=2)
 QUICK = Settings(backbone="resnet18", image_size=64, grid=4, dims=64, train_images=12, val_images=8,
-                 warmup_steps=1, timed_steps=3, course_steps=2, beam_training_steps=10,
+                 warmup_steps=1, timing_rounds=2, cached_steps_per_round=2, beam_training_steps=10,
                  preprocess_images=24, source_size=(160, 120), preprocess_rounds=1)
 
 
@@ -270,10 +270,9 @@ def training_section(data, work, settings):
         fast = make_trainer(data, work, settings, decoder_name)
         check_reads_cache(fast, cache)
         fast_steps = training_steps(fast)
-        rounds = settings.course_steps  # each round: one course step, then timed_steps / rounds cached steps
         totals = time_side_by_side({"course": (training_steps(course), 1),
-                                    "cached": (fast_steps, settings.timed_steps // rounds)},
-                                   settings.warmup_steps, rounds, "cpu")
+                                    "cached": (fast_steps, settings.cached_steps_per_round)},
+                                   settings.warmup_steps, settings.timing_rounds, "cpu")
         del course
         train = {side: {"captions": captions, "seconds": seconds, "samples_per_s": captions / seconds}
                  for side, (captions, seconds) in totals.items()}
@@ -406,6 +405,8 @@ def preprocess_section(work, settings):
 
 # ---------------------------------------------------------------- GPU section
 
+GPU_WARMUP_STEPS = 10  # cuDNN and the caching allocator settle
+GPU_TIMED_STEPS = 30
 GPU_RUNS = (  # name -> cfg overrides of the attention decoder's training
     ("course_fp32", {"group_captions": False, "feature_cache": False, "mixed_precision": False}),
     ("cached_fp32", {"mixed_precision": False}),
@@ -431,8 +432,8 @@ def gpu_section(data, work, settings):
         trainer = make_trainer(data, work, settings, "attention", device, **overrides)
         if trainer.uses_cache:
             check_reads_cache(trainer, cache)
-        captions, seconds = time_training(training_steps(trainer), 5 * settings.warmup_steps,
-                                          2 * settings.timed_steps, device)
+        captions, seconds = time_side_by_side({name: (training_steps(trainer), GPU_TIMED_STEPS)}, GPU_WARMUP_STEPS,
+                                              1, device)[name]
         rate = captions / seconds
         projection = coco_projection(rate, cache.images / cache.seconds if trainer.uses_cache else None)
         once = f" + {projection['cache_hours']:.2f} h once for the cache" if trainer.uses_cache else ""

@@ -17,17 +17,16 @@ import warnings
 from collections.abc import Mapping
 
 import numpy as np
-import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from nltk.translate.bleu_score import corpus_bleu
 from PIL import Image
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
-from scipy import ndimage
+
+# torch, nltk, matplotlib and scipy take seconds to import: they are imported inside the functions
+# that use them, so that create_input_files.py and its image-decoding worker processes, which only
+# need the errors and atomic files above, start in a fraction of a second.
 
 
 class ToolkitError(Exception):
@@ -78,12 +77,16 @@ CHECKPOINT_FORMAT = "captioning-toolkit/1"
 
 def save_checkpoint(state, path):
     """Write a checkpoint dict (state_dicts and plain data only) atomically."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(dict(state, format=CHECKPOINT_FORMAT), tmp)
 
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint of this toolkit safely (weights_only: it can never run code)."""
+    import torch
+
     if not os.path.isfile(path):
         raise ToolkitError(f"checkpoint {path!r} does not exist; pass the path of a "
                            f"checkpoint_*.pth.tar or BEST_checkpoint_*.pth.tar file written by training")
@@ -147,6 +150,8 @@ def course_bleu(references, hypotheses):
     if without_references:
         raise ToolkitError(f"image {without_references[0]} (0-based, in prediction order) has no reference "
                            f"captions; every image needs at least one to be scored")
+    from nltk.translate.bleu_score import corpus_bleu
+
     with warnings.catch_warnings():  # nltk warns for every order without a match; a score of 0 says it
         warnings.simplefilter("ignore", UserWarning)
         scores = corpus_bleu(references, hypotheses, weights=list(COURSE_BLEU_WEIGHTS.values()))
@@ -330,6 +335,8 @@ def upsample_attention(alpha_grid, scale=PIXELS_PER_CELL, smooth=True):
     smooth: bilinear between cell centres, then a gaussian blur (sigma = scale / 3, as the course's
     skimage `pyramid_expand(upscale=24, sigma=8)`); otherwise every cell becomes a flat block.
     """
+    from scipy import ndimage
+
     alpha_grid = np.asarray(alpha_grid, dtype=np.float64)
     order = 1 if smooth else 0
     # grid_mode: cells are areas, so the corners of the map meet the corners of the image.
@@ -399,6 +406,8 @@ def visualize_att(image_path, seq, alphas, rev_word_map, smooth=True, out=None, 
 
 def _caption_figure(image, words):
     """The no-attention decoder's figure: the image titled with its caption."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5, 5.5), layout="constrained")
     ax = fig.add_subplot()
     ax.imshow(image)
@@ -409,6 +418,8 @@ def _caption_figure(image, words):
 
 def _attention_figure(image_path, words, grids, smooth, betas):
     """A grid of panels: `<start>` over the plain image, then each word over its upsampled map."""
+    from matplotlib.figure import Figure
+
     grid_size = grids.shape[1]
     side = grid_size * PIXELS_PER_CELL
     image = Image.open(image_path).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
@@ -440,6 +451,9 @@ def plot_history(runs, out=None):
     come from each checkpoint's cfg). The loss panel also shows `train_loss`, dashed, when present.
     Returns the Figure; writes a PNG when `out` is given.
     """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     labelled = runs.items() if isinstance(runs, Mapping) else [(None, source) for source in runs]
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     axes = fig.subplots(1, len(HISTORY_PANELS))

@@ -57,8 +57,9 @@ def test_json_holds_the_absolute_figures_behind_each_ratio(quick_run):
         assert train["speedup"] == pytest.approx(train["cached"]["samples_per_s"] / train["course"]["samples_per_s"])
         assert values[f"train_speedup_{decoder}"] == f"{train['speedup']:.2f} x"
         # grouped batches hold 32 // 5 = 6 images with their 5 captions each; course batches 32 captions
-        assert train["cached"]["captions"] == bench.QUICK.timed_steps * 30
-        assert 0 < train["course"]["captions"] <= bench.QUICK.course_steps * 32
+        rounds = bench.QUICK.timing_rounds
+        assert train["cached"]["captions"] == rounds * bench.QUICK.cached_steps_per_round * 30
+        assert 0 < train["course"]["captions"] <= rounds * 32
     assert values["preprocess_speedup"] == f"{figures['preprocess']['speedup']:.2f} x"
     assert figures["feature_cache"]["images"] == bench.QUICK.train_images + bench.QUICK.val_images
 

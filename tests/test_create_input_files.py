@@ -208,7 +208,8 @@ def test_images_left_without_a_short_enough_sentence_are_skipped(own_source, tmp
 
 
 def break_image(image_folder, record_index, json_path, how):
-    record = json.load(open(json_path))["images"][record_index]
+    with open(json_path) as file:
+        record = json.load(file)["images"][record_index]
     path = os.path.join(image_folder, record["filename"])
     if how == "delete":
         os.remove(path)

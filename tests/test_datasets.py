@@ -31,9 +31,8 @@ def folder(tmp_path_factory):
 def stored(folder, split):
     """(images uint8 (N, 3, S, S), captions list, caplens list) read straight from the files."""
     paths = datasets.data_paths(folder, NAME, split)
-    with h5py.File(paths["images"], "r") as h5:
-        images = h5["images"][:]
-    return images, json.load(open(paths["captions"])), json.load(open(paths["caplens"]))
+    with h5py.File(paths["images"], "r") as h5, open(paths["captions"]) as captions, open(paths["caplens"]) as caplens:
+        return h5["images"][:], json.load(captions), json.load(caplens)
 
 
 def test_normalize_images_uses_imagenet_mean_and_std():
@@ -55,11 +54,12 @@ def test_data_paths_and_word_map(folder):
 
 def test_missing_files_name_the_path_and_the_command(folder, tmp_path):
     datasets.check_data_files(folder, NAME, ["TRAIN", "VAL"])
-    with pytest.raises(ToolkitError, match="TEST_IMAGES_coco_5_cap_per_img_3_min_word_freq.hdf5") as error:
-        for name in os.listdir(folder):
-            if name.startswith("WORDMAP") or name.startswith("TRAIN"):
-                shutil.copy(os.path.join(folder, name), tmp_path / name.replace("flickr8k", "coco").replace("_1_min", "_3_min"))
-        datasets.check_data_files(str(tmp_path), "coco_5_cap_per_img_3_min_word_freq", ["TRAIN", "TEST"])
+    coco_name = "coco_5_cap_per_img_3_min_word_freq"
+    for name in os.listdir(folder):  # a coco folder holding only the word map and the TRAIN files
+        if name.startswith("WORDMAP") or name.startswith("TRAIN"):
+            shutil.copy(os.path.join(folder, name), tmp_path / name.replace(NAME, coco_name))
+    with pytest.raises(ToolkitError, match=f"TEST_IMAGES_{coco_name}.hdf5") as error:
+        datasets.check_data_files(str(tmp_path), coco_name, ["TRAIN", "TEST"])
     assert (f"python create_input_files.py --dataset coco --karpathy-json PATH --image-folder DIR --output-folder "
             f"{tmp_path} --captions-per-image 5 --min-word-freq 3") in str(error.value)
     with pytest.raises(ToolkitError, match="--dataset shapes --output-folder"):
@@ -75,7 +75,8 @@ def test_caption_dataset_train_items_follow_the_course(folder):
     for index in (0, 7, len(dataset) - 1):
         image, caption, caplen = dataset[index]
         assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
-        mean, std = torch.tensor(datasets.IMAGENET_MEAN)[:, None, None], torch.tensor(datasets.IMAGENET_STD)[:, None, None]
+        mean = torch.tensor(datasets.IMAGENET_MEAN)[:, None, None]
+        std = torch.tensor(datasets.IMAGENET_STD)[:, None, None]
         expected = (torch.from_numpy(images[index // CPI]).double() / 255 - mean) / std
         assert torch.allclose(image.double(), expected, atol=1e-5)
         assert caption.dtype == torch.long and caption.tolist() == captions[index]
@@ -140,7 +141,8 @@ def test_dataset_pickles_without_its_hdf5_handle(folder):
 
 def test_references_come_from_the_refs_file(folder):
     word_map = datasets.load_word_map(folder, NAME)
-    refs = json.load(open(datasets.data_paths(folder, NAME, "VAL")["refs"]))
+    with open(datasets.data_paths(folder, NAME, "VAL")["refs"]) as file:
+        refs = json.load(file)
     references = datasets.load_references(folder, NAME, "VAL", word_map)
     assert not references.fallback
     assert references.image_ids == [entry["image_id"] for entry in refs] and references.image_ids[0] == "0004_P.png"
@@ -160,5 +162,5 @@ def test_course_made_folder_without_refs_falls_back_to_decoded_captions(folder, 
     assert references.fallback and references.image_ids == [0, 1, 2, 3]
     assert len(references.references) == 4 and all(len(refs) == CPI for refs in references.references)
     assert references.references[1][2] == [words[index] for index in captions[CPI + 2][1:caplens[CPI + 2] - 1]]
-    assert "<unk>" in {word for refs in references.references for tokens in refs for word in tokens}
-    assert not {"<start>", "<end>", "<pad>"} & {word for refs in references.references for tokens in refs for word in tokens}
+    words_used = {word for refs in references.references for tokens in refs for word in tokens}
+    assert "<unk>" in words_used and not {"<start>", "<end>", "<pad>"} & words_used

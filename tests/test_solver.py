@@ -209,7 +209,7 @@ def test_a_pickled_payload_never_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth.tar"
     with open(path, "wb") as file:
-        pickle.dump({"format": "captioning-toolkit/1", "payload": RunsCode()}, file)
+        pickle.dump({"format": "captioning-toolkit/1", "payload": RunsCode()}, file, protocol=2)
     with pytest.raises(ToolkitError, match="not a checkpoint of this toolkit"):
         load_checkpoint(str(path))
     assert not (tmp_path / "pwned").exists()

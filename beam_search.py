@@ -34,11 +34,11 @@ def make_caption(decoder, words, score, attention):
 
 
 def expand_start(decoder, encoder_out, beams):
-    """Flatten (B, G, G, C) encodings and repeat each image's memory and state `beams` times."""
+    """Flatten (B, G, G, C) encodings; return each image's memory once and its state `beams` times."""
     encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
     memory, state = decoder.start(encoder_out)
     index = torch.arange(encoder_out.size(0), device=encoder_out.device).repeat_interleave(beams)
-    return select_rows(memory, index), select_rows(state, index)
+    return memory, select_rows(state, index)
 
 
 def step_log_probs(decoder, words, memory, state):
@@ -77,7 +77,7 @@ def beam_search_one(decoder, encoder_out, start_id, end_id, beam_size=3, max_ste
         running = (~finished).nonzero().flatten()
         seqs, top_k_scores, prev_words = seqs[running], top_k_scores[running], next_word[running]
         trail = None if trail is None else trail[running]
-        memory, state = select_rows(memory, prev_beam[running]), select_rows(state, prev_beam[running])
+        state = select_rows(state, prev_beam[running])  # memory: the image's one row, for any number of beams
     if not complete:  # nothing reached <end>: the best running beam (they are sorted)
         complete = [(seqs[0], top_k_scores[0].item(), None if trail is None else trail[0])]
     scores = [score for _, score, _ in complete]
@@ -124,7 +124,7 @@ def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=5
         record_completions(best, finished, top_scores, seqs, trail, image_ids)
         beams_left = beams_left - finished.sum(dim=1)
         beam_scores = top_scores.masked_fill(~taken | finished, float("-inf"))
-        memory, state = select_rows(memory, source), select_rows(state, source)
+        state = select_rows(state, source)  # memory stays: one row per image, shared by its beams
         prev_words = next_word.reshape(-1)
         searching = beams_left > 0
         if step == max_steps or not searching.any():
@@ -132,7 +132,7 @@ def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=5
         if not searching.all():  # drop images whose search ended
             keep = searching.nonzero().flatten()
             keep_beams = (keep.unsqueeze(1) * k + rank).reshape(-1)
-            memory, state = select_rows(memory, keep_beams), select_rows(state, keep_beams)
+            memory, state = select_rows(memory, keep), select_rows(state, keep_beams)
             prev_words, seqs, beam_scores = prev_words[keep_beams], seqs[keep], beam_scores[keep]
             beams_left, image_ids = beams_left[keep], image_ids[keep]
             trail = None if trail is None else trail[keep]

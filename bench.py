@@ -1,6 +1,6 @@
 """Speed of the toolkit's fast paths against the course's code, measured side by side on shapes data.
 
-    python bench.py                  # CPU figures (about 5 minutes), then the GPU section on a CUDA machine
+    python bench.py                  # CPU figures (about 5 minutes on an idle 2 cores); GPU section on CUDA
     python bench.py --quick          # a few seconds per part (small backbone and images): for the tests
     python bench.py --json FILE      # also write every figure as JSON
     python bench.py --backbones      # markdown table of the encoder backbones: C, size, GFLOPs, CPU ms
@@ -19,6 +19,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +50,7 @@ BEAM_SIZE = 3
 BEAM_BATCH = 50  # images per batched beam_search call, as solver.test's DataLoader batches
 DECODERS = ("attention", "rnn")
 SEED = 0
+BUSY_LOAD = 0.5  # load average per core above which the figures come with a warning
 CALIBRATION_IMAGES = 8  # training images whose BatchNorm statistics the random encoder gets
 
 
@@ -64,16 +67,17 @@ class Settings:
     timing_rounds: int  # each round: one timed step of the course's path (encoder in the loop: slow), then
     cached_steps_per_round: int  # this many timed steps of the grouped + cached path
     beam_training_steps: int  # extra steps that teach the decoder the shapes captions before beam search
+    beam_rounds: int  # each beam search timing is the fastest of this many runs
     preprocess_images: int  # images create_input_files turns into HDF5, per timed run
     source_size: tuple  # (width, height) of the JPEGs create_input_files reads
     preprocess_rounds: int  # timed runs per worker count (the fastest counts)
 
 
 FULL = Settings(backbone="resnet101", image_size=256, grid=14, dims=512, train_images=48, val_images=100,
-                warmup_steps=2, timing_rounds=2, cached_steps_per_round=5, beam_training_steps=100,
-                preprocess_images=300, source_size=(640, 480), preprocess_rounds=2)
+                warmup_steps=1, timing_rounds=2, cached_steps_per_round=5, beam_training_steps=60, beam_rounds=3,
+                preprocess_images=1200, source_size=(640, 480), preprocess_rounds=2)
 QUICK = Settings(backbone="resnet18", image_size=64, grid=4, dims=64, train_images=12, val_images=8,
-                 warmup_steps=1, timing_rounds=2, cached_steps_per_round=2, beam_training_steps=10,
+                 warmup_steps=1, timing_rounds=2, cached_steps_per_round=2, beam_training_steps=10, beam_rounds=1,
                  preprocess_images=24, source_size=(160, 120), preprocess_rounds=1)
 
 
@@ -126,6 +130,12 @@ def coco_projection(samples_per_second, cache_images_per_second=None):
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def best_of(rounds, function):
+    """(result, seconds) of the fastest of `rounds` calls: the run least disturbed by the rest of the machine."""
+    runs = [timed(function) for _ in range(rounds)]
+    return runs[0][0], min(seconds for _, seconds in runs)
 
 
 def timed(function, *args, device="cpu", **kwargs):
@@ -292,10 +302,11 @@ def training_section(data, work, settings):
 
 def report_training(decoder_name, train, settings):
     course, cached = train["course"], train["cached"]
-    report(f"train_course_{decoder_name}", f"{course['samples_per_s']:.2f} samples/s ({course['captions']} captions "
-                                           f"in {course['seconds']:.1f} s; per caption, {settings.backbone} in the loop)")
-    report(f"train_cached_{decoder_name}", f"{cached['samples_per_s']:.2f} samples/s ({cached['captions']} captions "
-                                           f"in {cached['seconds']:.1f} s; grouped, cached float16 features)")
+    report(f"train_course_{decoder_name}", f"{course['samples_per_s']:.2f} samples/s ({course['captions']} "
+                                           f"captions in {course['seconds']:.1f} s; per caption, {settings.backbone} "
+                                           f"in the loop)")
+    report(f"train_cached_{decoder_name}", f"{cached['samples_per_s']:.2f} samples/s ({cached['captions']} "
+                                           f"captions in {cached['seconds']:.1f} s; grouped, cached float16 features)")
     report_ratio(f"train_speedup_{decoder_name}", cached["samples_per_s"] / course["samples_per_s"])
 
 
@@ -311,9 +322,11 @@ def beam_comparison(trainer, steps, encoder_out, settings):
     """Train the decoder a little further (so its captions end at varied lengths), then beam search
     the cached VAL encodings one image at a time and batched; returns the figures."""
     name = trainer.cfg["decoder"]
-    losses, seconds = timed(lambda: [loss for _, loss in itertools.islice(steps, settings.beam_training_steps)])
-    report(f"beam_decoder_training_{name}", f"{settings.beam_training_steps} more steps in {seconds:.1f} s, "
-                                            f"loss {statistics.mean(losses[:5]):.2f} -> {statistics.mean(losses[-5:]):.2f}")
+    losses, training_seconds = timed(
+        lambda: [loss for _, loss in itertools.islice(steps, settings.beam_training_steps)])
+    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
+    report(f"beam_decoder_training_{name}", f"{settings.beam_training_steps} more steps in {training_seconds:.1f} s, "
+                                            f"loss {first:.2f} -> {last:.2f}")
     decoder = trainer.decoder.eval()
     start_id, end_id = trainer.word_map["<start>"], trainer.word_map["<end>"]
     search = dict(start_id=start_id, end_id=end_id, beam_size=BEAM_SIZE)
@@ -321,9 +334,10 @@ def beam_comparison(trainer, steps, encoder_out, settings):
     beam_search(decoder, encoder_out[:2], **search)
     one, batched, one_seconds, batched_seconds = [], [], 0.0, 0.0
     for chunk in encoder_out.split(BEAM_BATCH):  # side by side, chunk by chunk
-        captions, seconds = timed(lambda: [beam_search_one(decoder, image[None], **search) for image in chunk])
+        captions, seconds = best_of(settings.beam_rounds,
+                                    lambda: [beam_search_one(decoder, image[None], **search) for image in chunk])
         one, one_seconds = one + captions, one_seconds + seconds
-        captions, seconds = timed(beam_search, decoder, chunk, **search)
+        captions, seconds = best_of(settings.beam_rounds, lambda: beam_search(decoder, chunk, **search))
         batched, batched_seconds = batched + captions, batched_seconds + seconds
     mismatches = sum(a.words != b.words for a, b in zip(one, batched))
     lengths = [len(caption.words) - 2 for caption in one]  # words between <start> and <end>
@@ -338,8 +352,8 @@ def beam_comparison(trainer, steps, encoder_out, settings):
     report(f"beam_captions{suffix}", f"{min(lengths)} to {max(lengths)} words, mean {statistics.mean(lengths):.1f}, "
                                      f"{unfinished} without <end>, {mismatches} differ")
     report_ratio(f"beam_speedup{suffix}", batched_rate / one_rate)
-    return {"training_steps": settings.beam_training_steps, "training_seconds": seconds,
-            "training_loss": [statistics.mean(losses[:5]), statistics.mean(losses[-5:])], "images": images,
+    return {"training_steps": settings.beam_training_steps, "training_seconds": training_seconds,
+            "training_loss": [first, last], "images": images,
             "one": {"seconds": one_seconds, "images_per_s": one_rate},
             "batched": {"seconds": batched_seconds, "images_per_s": batched_rate},
             "speedup": batched_rate / one_rate, "mismatches": mismatches,
@@ -365,42 +379,65 @@ def write_source_jpegs(folder, settings, images):
 def preprocess_section(work, settings):
     """create_input_files with one worker and with all cores, alternately (the fastest of the rounds
     counts), on preprocess_images JPEGs and on 3 JPEGs: the 3-image run's time is the per-call
-    start-up (worker pool, JSON and word map) that a long run amortises."""
+    start-up (worker pool, JSON and word map) that a long run amortises. Each call runs in a fresh
+    Python process, as from the command line: the workers of a call made here would first import
+    this script, torch included (multiprocessing's rule for the main module), which no user pays."""
     sources = {count: write_source_jpegs(os.path.join(work, f"preprocess_source_{count}"), settings, count)
                for count in (settings.preprocess_images, 3)}
     output = os.path.join(work, "preprocess_output")
 
     def run(images, workers):
         json_path, image_folder = sources[images]
-        return create_input_files("shapes", json_path, image_folder, CAPTIONS_PER_IMAGE, 0, output,
-                                  image_size=settings.image_size, workers=workers, overwrite=True)
+        return seconds_in_fresh_process(json_path, image_folder, output, settings.image_size, workers)
 
     cores = os.cpu_count()
-    run(3, cores)  # warm-up: starts the pool's fork server (once per process) and fills the page cache
+    run(3, cores)  # warm-up: fills the page cache
     seconds = {(images, workers): [] for images in sources for workers in (1, cores)}
     for _ in range(settings.preprocess_rounds):
         for images, workers in seconds:
-            seconds[images, workers].append(timed(run, images, workers)[1])
+            seconds[images, workers].append(run(images, workers))
     best = {key: min(values) for key, values in seconds.items()}
     images, width, height = settings.preprocess_images, *settings.source_size
     one, every = best[images, 1], best[images, cores]
     startup_one, startup_every = best[3, 1], best[3, cores]
-    steady_one, steady_every = (images - 3) / (one - startup_one), (images - 3) / (every - startup_every)
     report("preprocess_one_worker", f"{images / one:.1f} images/s ({images} JPEGs of {width} x {height} to "
                                     f"{settings.image_size} x {settings.image_size} in {one:.2f} s)")
     report("preprocess_all_workers", f"{images / every:.1f} images/s ({cores} workers, {every:.2f} s)")
     report_ratio("preprocess_speedup", one / every)
     report("preprocess_startup", f"{startup_every:.2f} s per call with {cores} workers, {startup_one:.2f} s with one "
                                  f"(create_input_files on 3 images)")
-    report("preprocess_steady", f"{steady_one:.1f} images/s with one worker, {steady_every:.1f} with {cores} "
-                                f"(start-up subtracted, as in a long run)")
-    report_ratio("preprocess_speedup_steady", steady_every / steady_one)
+    steady_one = steady_rate(images - 3, one - startup_one)
+    steady_every = steady_rate(images - 3, every - startup_every)
+    steady_speedup = steady_every / steady_one if steady_one and steady_every else None
+    if steady_speedup is None:
+        report("preprocess_steady", "not measurable: the start-up is as long as the whole run")
+    else:
+        report("preprocess_steady", f"{steady_one:.1f} images/s with one worker, {steady_every:.1f} with {cores} "
+                                    f"(start-up subtracted, as in a long run): {steady_speedup:.2f} x")
     return {"images": images, "source_size": [width, height], "workers": cores,
             "seconds": {f"{count}_images_{workers}_workers": values for (count, workers), values in seconds.items()},
             "images_per_s_one_worker": images / one, "images_per_s_all_workers": images / every,
             "speedup": one / every, "startup_seconds_one_worker": startup_one,
             "startup_seconds_all_workers": startup_every, "steady_images_per_s_one_worker": steady_one,
-            "steady_images_per_s_all_workers": steady_every, "steady_speedup": steady_every / steady_one}
+            "steady_images_per_s_all_workers": steady_every, "steady_speedup": steady_speedup}
+
+
+def seconds_in_fresh_process(json_path, image_folder, output_folder, image_size, workers):
+    """Seconds one create_input_files call takes in a new Python process (interpreter start-up excluded)."""
+    code = ("import sys, time; from create_input_files import create_input_files; start = time.perf_counter(); "
+            f"create_input_files('shapes', {json_path!r}, {image_folder!r}, {CAPTIONS_PER_IMAGE}, 0, "
+            f"{output_folder!r}, image_size={image_size}, workers={workers}, overwrite=True); "
+            "print(time.perf_counter() - start)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"create_input_files failed in its process:\n{result.stderr[-3000:]}")
+    return float(result.stdout.splitlines()[-1])
+
+
+def steady_rate(images, seconds):
+    """Images per second of the per-image part of a run; None when timing noise leaves no such part."""
+    return images / seconds if seconds > 0 else None
 
 
 # ---------------------------------------------------------------- GPU section
@@ -498,6 +535,11 @@ def run_benchmark(settings, data_folder=None):
     report("machine", f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} "
                       f"threads), device cpu{', CUDA: ' + info['cuda_device'] if info['cuda_device'] else ''}")
     report("load_average_at_start", f"{info['load_average']:.2f} (1 min)")
+    if info["load_average"] > BUSY_LOAD * info["cores"]:
+        report("warning", f"other processes keep the CPU busy (load {info['load_average']:.1f} on {info['cores']} "
+                          f"cores): torch's threads then wait for each other, which slows small operations (decoder "
+                          f"steps, one-image beam search) far more than large ones (the encoder); rerun on an idle "
+                          f"machine for figures to publish")
     report("settings", f"{settings.backbone} (random weights as weights=None, BatchNorm statistics of "
                        f"{CALIBRATION_IMAGES} train images) at {settings.image_size} x {settings.image_size}, "
                        f"{settings.grid} x {settings.grid} grid, batch {BATCH_SIZE}, embed/attention/decoder "

@@ -13,6 +13,7 @@ and `WORDMAP_<base>.json`. All of them appear together or not at all.
 import argparse
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -37,6 +38,10 @@ CAPTION_SEED = 123  # the course's seed(123) for caption sampling
 RESAMPLE = Image.Resampling.BILINEAR  # the course's scipy.misc.imresize default ('bilinear', via PIL)
 MAX_LISTED_FILES = 5  # how many missing/bad files an error message names
 BLOCK_IMAGES_PER_WORKER = 32  # a block (one round trip to the decoding workers) has 32 images per worker
+# glibc mallopt parameters and the values a decoding worker sets (see keep_freed_memory)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+WORKER_MMAP_THRESHOLD = 32 * 2 ** 20  # glibc's largest: buffers up to 32 MB come from the heap
+WORKER_TRIM_THRESHOLD = 128 * 2 ** 20
 
 
 @dataclasses.dataclass
@@ -214,10 +219,23 @@ def decode_image(path, size):
 _worker_slots = None  # in a pool worker: the shared pixel buffer (2 * block size, 3, S, S)
 
 
+def keep_freed_memory():
+    """Let glibc reuse freed decode buffers (about 1 MB for a 640 x 480 JPEG) instead of mapping and
+    unmapping fresh pages for every image: a new process starts with a 128 kB mmap threshold, and its
+    decoding measured 1.5 x slower than the same decoding in a long-lived process. No-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD)
+    except (OSError, AttributeError):  # another C library: keep its defaults
+        pass
+
+
 def attach_slots(shared_buffer, image_size):
     """Pool initializer: view the shared buffer as image slots; Ctrl-C is left to the parent."""
     global _worker_slots
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
     _worker_slots = np.frombuffer(shared_buffer, dtype=np.uint8).reshape(-1, 3, image_size, image_size)
 
 

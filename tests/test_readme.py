@@ -1,0 +1,28 @@
+"""The README stays true to the code: its cfg table lists every key of solver.CFG_SCHEMA with its
+default, and the commands it gives exist in the Makefile."""
+import os
+import re
+
+import solver
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(name):
+    with open(os.path.join(ROOT, name), encoding="utf-8") as file:
+        return file.read()
+
+
+def test_cfg_table_lists_every_key_with_its_default():
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", read("README.md"), flags=re.MULTILINE))
+    assert list(rows) == list(solver.CFG_SCHEMA)
+    for key, (default, _, _) in solver.CFG_SCHEMA.items():
+        assert rows[key] == repr(default), key
+
+
+def test_the_two_commands_are_make_targets():
+    readme, makefile = read("README.md"), read("Makefile")
+    for target in ("setup", "demo", "test"):
+        assert f"make {target}" in readme
+        assert re.search(rf"^{target}:", makefile, flags=re.MULTILINE), target
+    assert "PLACEHOLDER" not in readme

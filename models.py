@@ -369,6 +369,12 @@ def beams_per_row(memory_tensor, state_tensor):
     return state_tensor.size(0) // memory_tensor.size(0)
 
 
+def pool_memory(weights, memory):
+    """Weighted sums of memory rows shared by k consecutive weight rows: (B * k, P), (B, P, C) -> (B * k, C)."""
+    images, regions, channels = memory.shape
+    return torch.bmm(weights.reshape(images, -1, regions), memory).view(-1, channels)  # via (B, k, C)
+
+
 def additive_scores(score_layer, projected_memory, projected_query, activation_):
     """score_layer(activation_(projected_memory + projected_query)), the memory shared by k queries:
     (B, P, A) memory, (B * k, A) queries -> (B * k, P) scores.
@@ -413,11 +419,9 @@ class Attention(nn.Module):
     def attend(self, projected_encoder, encoder_out, decoder_hidden):
         """Like forward, with encoder_att(encoder_out) (B, P, A) computed once per image by the caller;
         decoder_hidden may hold k consecutive rows per image: (B * k, D) -> (B * k, C), (B * k, P)."""
-        images, regions, channels = encoder_out.shape
         att2 = self.decoder_att(decoder_hidden)  # (B * k, A)
         alpha = F.softmax(additive_scores(self.att, projected_encoder, att2, torch.relu_), dim=1)  # (B * k, P)
-        weighted_encoding = torch.bmm(alpha.view(images, -1, regions), encoder_out)  # (B, k, C)
-        return weighted_encoding.view(-1, channels), alpha
+        return pool_memory(alpha, encoder_out), alpha
 
 
 class DecoderWithAttention(CaptionDecoder):
@@ -487,7 +491,6 @@ class DecoderWithAdaptiveAttention(CaptionDecoder):
     def one_step(self, embeddings, memory, state):
         regions, projected_regions, global_feature = memory  # (B, P, D), (B, P, A), (B, D)
         h_prev, c_prev = state  # (N, D), N = B * k
-        images, region_count, _ = regions.shape
         global_feature = global_feature.repeat_interleave(beams_per_row(regions, h_prev), dim=0)  # (N, D)
         x = torch.cat([embeddings, global_feature], dim=1)  # (N, E + D)
         h, c = self.decode_step(x, (h_prev, c_prev))
@@ -498,7 +501,6 @@ class DecoderWithAdaptiveAttention(CaptionDecoder):
         sentinel_score = self.att(torch.tanh(self.sentinel_att(sentinel) + projected_hidden))  # (N, 1)
         alpha_hat = F.softmax(torch.cat([region_scores, sentinel_score], dim=1), dim=1)  # (N, P + 1)
         # c^_t = beta s_t + (1 - beta) c_t = sum_i alpha_hat_i v_i + beta s_t
-        attended = torch.bmm(alpha_hat[:, :-1].reshape(images, -1, region_count), regions)  # (B, k, D)
-        context = attended.view(-1, regions.size(2)) + alpha_hat[:, -1:] * sentinel
+        context = pool_memory(alpha_hat[:, :-1], regions) + alpha_hat[:, -1:] * sentinel  # (N, D)
         preds = self.fc(self.dropout(context + h))
         return preds, (h, c), alpha_hat

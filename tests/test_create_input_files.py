@@ -190,7 +190,8 @@ def same_files(folder, other_folder):
 
 
 def test_two_workers_write_the_same_bytes_as_one(made, source, tmp_path, monkeypatch):
-    monkeypatch.setattr(cif, "BLOCK_IMAGES_PER_WORKER", 2)  # 12 images: 3 blocks through both buffer halves
+    monkeypatch.setattr(cif, "BLOCK_IMAGES_PER_WORKER", 2)  # 12 images: 3 blocks; the third is queued into
+    # the first one's half of the buffer while the second decodes, once the first is written
     make_files(*source, str(tmp_path), workers=2)
     same_files(made[0], str(tmp_path))
 

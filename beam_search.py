@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models import select_rows
+from models import RowLayout, select_rows
 
 
 @dataclass
@@ -41,9 +41,9 @@ def expand_start(decoder, encoder_out, beams):
     return memory, select_rows(state, index)
 
 
-def step_log_probs(decoder, words, memory, state):
+def step_log_probs(decoder, words, memory, state, layout=None):
     """Feed the previous words (N,); return log-probabilities (N, V), the new state, attention."""
-    preds, state, attention = decoder.one_step(decoder.embedding(words), memory, state)
+    preds, state, attention = decoder.one_step(decoder.embedding(words), memory, state, layout)
     return F.log_softmax(preds, dim=1), state, attention
 
 
@@ -89,54 +89,55 @@ def beam_search_one(decoder, encoder_out, start_id, end_id, beam_size=3, max_ste
 def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=50):
     """Batched beam search: encoder_out (B, G, G, C) or (B, P, C) -> list of B Captions.
 
-    All beams of all images run as one (B * k) batch; a beam that completes leaves a dead slot
-    (score -inf) instead of shrinking the tensors, and images whose search ended leave the batch.
+    The running beams of all images are the rows of one batch, image after image, each image's in
+    score order (a RowLayout tells the decoder which image each row reads). A beam that completes
+    leaves the batch, and so does an image whose search ended: no step computes a dead beam.
     """
     k, device = beam_size, encoder_out.device
+    encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
+    memory, state = decoder.start(encoder_out)  # one row per image: its first beam
     batch = encoder_out.size(0)
-    memory, state = expand_start(decoder, encoder_out, k)
-    prev_words = torch.full((batch * k,), start_id, dtype=torch.long, device=device)
-    seqs = prev_words.reshape(batch, k, 1)
-    # Only the first beam of each image is alive at the first step (all k start identical).
-    beam_scores = torch.full((batch, k), float("-inf"), device=device)
-    beam_scores[:, 0] = 0
+    layout = RowLayout(torch.arange(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device), 1)
+    prev_words = torch.full((batch,), start_id, dtype=torch.long, device=device)  # (N,) one per running beam
+    seqs = prev_words.unsqueeze(1)  # (N, t)
+    row_scores = torch.zeros(batch, device=device)  # (N,)
+    trail = None  # (N, t, P)
     beams_left = torch.full((batch,), k, dtype=torch.long, device=device)
     rank = torch.arange(k, device=device)
-    trail = None  # (B, k, t, P)
     image_ids = torch.arange(batch, device=device)  # original index of each image still searching
     best = [None] * batch  # (score, words, attention) of the best complete caption per image
     for step in range(1, max_steps + 1):
-        log_probs, state, attention = step_log_probs(decoder, prev_words, memory, state)
-        vocab_size = log_probs.size(1)
-        scores = beam_scores.unsqueeze(2) + log_probs.reshape(-1, k, vocab_size)  # (B, k, V)
-        top_scores, top_index = scores.reshape(-1, k * vocab_size).topk(k, dim=1)  # (B, k), sorted
-        prev_beam, next_word = top_index // vocab_size, top_index % vocab_size
+        log_probs, state, attention = step_log_probs(decoder, prev_words, memory, state, layout)
+        images, vocab_size = beams_left.size(0), log_probs.size(1)
+        # Each image's candidates: its beams' scores plus each next word, -inf in its empty slots.
+        scores = layout.pad(row_scores.unsqueeze(1) + log_probs, images, float("-inf"))  # (B * width, V)
+        top_scores, top_index = scores.view(images, -1).topk(k, dim=1)  # (B, k), sorted
+        next_word = top_index % vocab_size
+        rows = layout.pad(torch.arange(len(prev_words), device=device), images).view(images, -1)  # (B, width)
+        source = rows.gather(1, top_index // vocab_size)  # (B, k): the row each candidate extends
+        seqs = torch.cat([seqs[source], next_word.unsqueeze(2)], dim=2)  # (B, k, t + 1)
+        if attention is not None:
+            trail = attention[source].unsqueeze(2) if trail is None else torch.cat(
+                [trail[source], attention[source].unsqueeze(2)], dim=2)  # (B, k, t + 1, P)
         # As in the one-image search, an image with b beams left takes only its b best candidates.
         taken = rank.unsqueeze(0) < beams_left.unsqueeze(1)
         finished = taken & (next_word == end_id)
-        source = (torch.arange(prev_beam.size(0), device=device).unsqueeze(1) * k + prev_beam).reshape(-1)
-        seqs = torch.cat([seqs.reshape(-1, seqs.size(2))[source].reshape(-1, k, seqs.size(2)),
-                          next_word.unsqueeze(2)], dim=2)
-        if attention is not None:
-            new = attention[source].reshape(-1, k, 1, attention.size(1))
-            trail = new if trail is None else torch.cat(
-                [trail.reshape(-1, *trail.shape[2:])[source].reshape(-1, k, *trail.shape[2:]), new], dim=2)
         record_completions(best, finished, top_scores, seqs, trail, image_ids)
         beams_left = beams_left - finished.sum(dim=1)
-        beam_scores = top_scores.masked_fill(~taken | finished, float("-inf"))
-        state = select_rows(state, source)  # memory stays: one row per image, shared by its beams
-        prev_words = next_word.reshape(-1)
-        searching = beams_left > 0
-        if step == max_steps or not searching.any():
+        running = taken & ~finished  # (B, k)
+        if step == max_steps or not running.any():
+            record_unfinished(best, top_scores.masked_fill(~running, float("-inf")), seqs, trail, image_ids)
             break
+        searching = beams_left > 0
+        new_image = searching.cumsum(0) - 1  # index of each image among those still searching
+        image, beam = running.nonzero(as_tuple=True)  # the new rows, image after image, in score order
+        layout = RowLayout(new_image[image], (running.cumsum(1) - 1)[image, beam], int(beams_left.max()))
+        state = select_rows(state, source[image, beam])
+        prev_words, seqs, row_scores = next_word[image, beam], seqs[image, beam], top_scores[image, beam]
+        trail = None if trail is None else trail[image, beam]
         if not searching.all():  # drop images whose search ended
             keep = searching.nonzero().flatten()
-            keep_beams = (keep.unsqueeze(1) * k + rank).reshape(-1)
-            memory, state = select_rows(memory, keep), select_rows(state, keep_beams)
-            prev_words, seqs, beam_scores = prev_words[keep_beams], seqs[keep], beam_scores[keep]
-            beams_left, image_ids = beams_left[keep], image_ids[keep]
-            trail = None if trail is None else trail[keep]
-    record_unfinished(best, beam_scores, seqs, trail, image_ids)
+            memory, beams_left, image_ids = select_rows(memory, keep), beams_left[keep], image_ids[keep]
     return [make_caption(decoder, words.tolist(), score, None if attention is None else attention.cpu())
             for score, words, attention in best]
 

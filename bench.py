@@ -1,6 +1,6 @@
 """Speed of the toolkit's fast paths against the course's code, measured side by side on shapes data.
 
-    python bench.py                  # CPU figures (about 5 minutes on an idle 2 cores); GPU section on CUDA
+    python bench.py                  # CPU figures (about 3.5 minutes on an idle 2 cores); GPU section on CUDA
     python bench.py --quick          # a few seconds per part (small backbone and images): for the tests
     python bench.py --json FILE      # also write every figure as JSON
     python bench.py --backbones      # markdown table of the encoder backbones: C, size, GFLOPs, CPU ms
@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -67,14 +68,14 @@ class Settings:
     timing_rounds: int  # each round: one timed step of the course's path (encoder in the loop: slow), then
     cached_steps_per_round: int  # this many timed steps of the grouped + cached path
     beam_training_steps: int  # extra steps that teach the decoder the shapes captions before beam search
-    beam_rounds: int  # each beam search timing is the fastest of this many runs
+    beam_rounds: int  # each beam search timing is the fastest of this many runs, the two searches in turn
     preprocess_images: int  # images create_input_files turns into HDF5, per timed run
     source_size: tuple  # (width, height) of the JPEGs create_input_files reads
     preprocess_rounds: int  # timed runs per worker count (the fastest counts)
 
 
 FULL = Settings(backbone="resnet101", image_size=256, grid=14, dims=512, train_images=48, val_images=100,
-                warmup_steps=1, timing_rounds=2, cached_steps_per_round=5, beam_training_steps=60, beam_rounds=3,
+                warmup_steps=1, timing_rounds=2, cached_steps_per_round=5, beam_training_steps=60, beam_rounds=5,
                 preprocess_images=1200, source_size=(640, 480), preprocess_rounds=2)
 QUICK = Settings(backbone="resnet18", image_size=64, grid=4, dims=64, train_images=12, val_images=8,
                  warmup_steps=1, timing_rounds=2, cached_steps_per_round=2, beam_training_steps=10, beam_rounds=1,
@@ -132,10 +133,16 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def best_of(rounds, function):
-    """(result, seconds) of the fastest of `rounds` calls: the run least disturbed by the rest of the machine."""
-    runs = [timed(function) for _ in range(rounds)]
-    return runs[0][0], min(seconds for _, seconds in runs)
+def fastest_alternately(functions, rounds, *args):
+    """Call each of `functions` (a dict) with `args`, in turn, `rounds` times over, so that every one sees
+    the same load of the machine; returns {name: (result, seconds of its fastest call)}, the call least
+    disturbed by the rest of the machine."""
+    fastest = {}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            result, seconds = timed(function, *args)
+            fastest[name] = (result, min(seconds, fastest.get(name, (None, math.inf))[1]))
+    return fastest
 
 
 def timed(function, *args, device="cpu", **kwargs):
@@ -332,13 +339,13 @@ def beam_comparison(trainer, steps, encoder_out, settings):
     search = dict(start_id=start_id, end_id=end_id, beam_size=BEAM_SIZE)
     beam_search_one(decoder, encoder_out[:1], **search)  # warm-up
     beam_search(decoder, encoder_out[:2], **search)
+    searches = {"one": lambda chunk: [beam_search_one(decoder, image[None], **search) for image in chunk],
+                "batched": lambda chunk: beam_search(decoder, chunk, **search)}
     one, batched, one_seconds, batched_seconds = [], [], 0.0, 0.0
     for chunk in encoder_out.split(BEAM_BATCH):  # side by side, chunk by chunk
-        captions, seconds = best_of(settings.beam_rounds,
-                                    lambda: [beam_search_one(decoder, image[None], **search) for image in chunk])
-        one, one_seconds = one + captions, one_seconds + seconds
-        captions, seconds = best_of(settings.beam_rounds, lambda: beam_search(decoder, chunk, **search))
-        batched, batched_seconds = batched + captions, batched_seconds + seconds
+        fastest = fastest_alternately(searches, settings.beam_rounds, chunk)
+        one, one_seconds = one + fastest["one"][0], one_seconds + fastest["one"][1]
+        batched, batched_seconds = batched + fastest["batched"][0], batched_seconds + fastest["batched"][1]
     mismatches = sum(a.words != b.words for a, b in zip(one, batched))
     lengths = [len(caption.words) - 2 for caption in one]  # words between <start> and <end>
     unfinished = sum(caption.words[-1] != end_id for caption in one)

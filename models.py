@@ -12,8 +12,10 @@ Every decoder exposes the same step interface, used by teacher forcing (forward)
     preds, state, attention = decoder.one_step(embeddings, memory, state)
 `memory` (what the decoder reads from the image) and `state` (the LSTM's) are tuples of tensors
 whose first dimension is the batch, so callers can slice, expand or reorder them without knowing
-what they hold. `state` may hold several rows per `memory` row, consecutive: beam search keeps one
-memory row per image for its k beams (N = images x k rows of state) instead of k copies.
+what they hold. `state` may hold several rows per `memory` row instead of copies of the memory:
+k consecutive rows per memory row (beam search of one image), or any number per image, described
+by a RowLayout passed as one_step's `layout` (batched beam search, where images keep different
+numbers of beams).
 """
 import os
 from collections.abc import Callable, Mapping
@@ -270,8 +272,9 @@ class CaptionDecoder(nn.Module):
         """(B, P, C) encodings -> (memory, state) tuples for the first decoding step."""
         raise NotImplementedError
 
-    def one_step(self, embeddings, memory, state):
-        """One decoding step: (N, E) embeddings -> (N, V) scores, new state, attention or None."""
+    def one_step(self, embeddings, memory, state, layout=None):
+        """One decoding step: (N, E) embeddings -> (N, V) scores, new state, attention or None.
+        `layout` (a RowLayout) says which memory row each state row reads when that is not k consecutive rows."""
         raise NotImplementedError
 
     def forward(self, encoder_out, encoded_captions, caption_lengths, caption_image=None):
@@ -341,7 +344,7 @@ class DecoderWithRNN(CaptionDecoder):
         h, c = self.decode_step(image_input)  # zero initial state
         return (), (h, c)
 
-    def one_step(self, embeddings, memory, state):
+    def one_step(self, embeddings, memory, state, layout=None):
         h, c = self.decode_step(embeddings, state)
         preds = self.fc(self.dropout(h))
         return preds, (h, c), None
@@ -364,20 +367,50 @@ class DecoderWithRNN(CaptionDecoder):
 SCORE_CHUNK_ELEMENTS = 2 ** 20  # 4 MB of float32: the (rows, P, A) sum of additive attention, a chunk at a time
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """Which memory row each state row reads when images have different numbers of state rows: row n
+    belongs to image `image[n]` and sits at `slot[n]` of that image's `width` slots (rows of one image
+    are consecutive; shared-memory operations run on the (images * width) padded layout)."""
+    image: torch.Tensor  # (N,)
+    slot: torch.Tensor  # (N,)
+    width: int
+
+    def pad(self, rows, images, fill=0.0):
+        """(N, ...) -> (images * width, ...): each row at its image's slot, `fill` in the empty slots."""
+        padded = rows.new_full((images, self.width, *rows.shape[1:]), fill)
+        padded[self.image, self.slot] = rows
+        return padded.flatten(0, 1)
+
+    def unpad(self, padded):
+        """(images * width, ...) -> (N, ...): the rows back from their slots."""
+        return padded.view(-1, self.width, *padded.shape[1:])[self.image, self.slot]
+
+
 def beams_per_row(memory_tensor, state_tensor):
     """How many consecutive state rows share each memory row (1 in training, k in beam search)."""
     return state_tensor.size(0) // memory_tensor.size(0)
 
 
-def pool_memory(weights, memory):
-    """Weighted sums of memory rows shared by k consecutive weight rows: (B * k, P), (B, P, C) -> (B * k, C)."""
+def rows_of_memory(memory_tensor, state_tensor, layout):
+    """memory_tensor (B, ...) repeated for each state row: (N, ...)."""
+    if layout is not None:
+        return memory_tensor[layout.image]
+    return memory_tensor.repeat_interleave(beams_per_row(memory_tensor, state_tensor), dim=0)
+
+
+def pool_memory(weights, memory, layout=None):
+    """Weighted sums of memory rows shared by k consecutive weight rows: (B * k, P), (B, P, C) -> (B * k, C);
+    with a layout, (N, P) weights laid out by it -> (N, C)."""
     images, regions, channels = memory.shape
+    if layout is not None:
+        return layout.unpad(pool_memory(layout.pad(weights, images), memory))
     return torch.bmm(weights.reshape(images, -1, regions), memory).view(-1, channels)  # via (B, k, C)
 
 
-def additive_scores(score_layer, projected_memory, projected_query, activation_):
+def additive_scores(score_layer, projected_memory, projected_query, activation_, layout=None):
     """score_layer(activation_(projected_memory + projected_query)), the memory shared by k queries:
-    (B, P, A) memory, (B * k, A) queries -> (B * k, P) scores.
+    (B, P, A) memory, (B * k, A) queries -> (B * k, P) scores; with a layout, (N, A) queries -> (N, P).
 
     Without autograd on the CPU (beam search, validation) the (B, k, P, A) sum, the largest tensor of
     a decoding step, is built a few images at a time in one reused buffer: allocating a fresh one at
@@ -385,6 +418,9 @@ def additive_scores(score_layer, projected_memory, projected_query, activation_)
     about 30 ms per step against 4.5 ms). `activation_` is in-place (torch.relu_, torch.tanh_).
     """
     images, regions, dim = projected_memory.shape
+    if layout is not None:
+        padded_query = layout.pad(projected_query, images)
+        return layout.unpad(additive_scores(score_layer, projected_memory, padded_query, activation_))
     queries = projected_query.view(images, -1, 1, dim)  # (B, k, 1, A)
     if torch.is_grad_enabled() or projected_memory.device.type != "cpu":
         summed = activation_(projected_memory.unsqueeze(1) + queries)  # (B, k, P, A)
@@ -416,12 +452,12 @@ class Attention(nn.Module):
         """(B, P, C) encodings, (B, D) hidden state -> weighted encoding (B, C), alpha (B, P)."""
         return self.attend(self.encoder_att(encoder_out), encoder_out, decoder_hidden)
 
-    def attend(self, projected_encoder, encoder_out, decoder_hidden):
+    def attend(self, projected_encoder, encoder_out, decoder_hidden, layout=None):
         """Like forward, with encoder_att(encoder_out) (B, P, A) computed once per image by the caller;
-        decoder_hidden may hold k consecutive rows per image: (B * k, D) -> (B * k, C), (B * k, P)."""
-        att2 = self.decoder_att(decoder_hidden)  # (B * k, A)
-        alpha = F.softmax(additive_scores(self.att, projected_encoder, att2, torch.relu_), dim=1)  # (B * k, P)
-        return pool_memory(alpha, encoder_out), alpha
+        decoder_hidden may hold several rows per image (k consecutive, or by `layout`): (N, D) -> (N, C), (N, P)."""
+        att2 = self.decoder_att(decoder_hidden)  # (N, A)
+        alpha = F.softmax(additive_scores(self.att, projected_encoder, att2, torch.relu_, layout), dim=1)  # (N, P)
+        return pool_memory(alpha, encoder_out, layout), alpha
 
 
 class DecoderWithAttention(CaptionDecoder):
@@ -446,10 +482,10 @@ class DecoderWithAttention(CaptionDecoder):
         memory = (encoder_out, self.attention.encoder_att(encoder_out))  # (B, P, C), (B, P, A)
         return memory, state
 
-    def one_step(self, embeddings, memory, state):
+    def one_step(self, embeddings, memory, state, layout=None):
         encoder_out, projected_encoder = memory
         h, c = state
-        weighted_encoding, alpha = self.attention.attend(projected_encoder, encoder_out, h)
+        weighted_encoding, alpha = self.attention.attend(projected_encoder, encoder_out, h, layout)
         gate = torch.sigmoid(self.f_beta(h))  # (N, C)
         h, c = self.decode_step(torch.cat([embeddings, gate * weighted_encoding], dim=1), (h, c))
         preds = self.fc(self.dropout(h))
@@ -488,19 +524,19 @@ class DecoderWithAdaptiveAttention(CaptionDecoder):
         zeros = global_feature.new_zeros(encoder_out.size(0), self.decoder_dim)
         return memory, (zeros, zeros)
 
-    def one_step(self, embeddings, memory, state):
+    def one_step(self, embeddings, memory, state, layout=None):
         regions, projected_regions, global_feature = memory  # (B, P, D), (B, P, A), (B, D)
-        h_prev, c_prev = state  # (N, D), N = B * k
-        global_feature = global_feature.repeat_interleave(beams_per_row(regions, h_prev), dim=0)  # (N, D)
+        h_prev, c_prev = state  # (N, D), several rows per image in beam search
+        global_feature = rows_of_memory(global_feature, h_prev, layout)  # (N, D)
         x = torch.cat([embeddings, global_feature], dim=1)  # (N, E + D)
         h, c = self.decode_step(x, (h_prev, c_prev))
         sentinel_gate = torch.sigmoid(self.sentinel_input(x) + self.sentinel_hidden(h_prev))
         sentinel = sentinel_gate * torch.tanh(c)  # s_t (N, D)
         projected_hidden = self.hidden_att(h)  # W_g h_t (N, A)
-        region_scores = additive_scores(self.att, projected_regions, projected_hidden, torch.tanh_)  # (N, P)
+        region_scores = additive_scores(self.att, projected_regions, projected_hidden, torch.tanh_, layout)  # (N, P)
         sentinel_score = self.att(torch.tanh(self.sentinel_att(sentinel) + projected_hidden))  # (N, 1)
         alpha_hat = F.softmax(torch.cat([region_scores, sentinel_score], dim=1), dim=1)  # (N, P + 1)
         # c^_t = beta s_t + (1 - beta) c_t = sum_i alpha_hat_i v_i + beta s_t
-        context = pool_memory(alpha_hat[:, :-1], regions) + alpha_hat[:, -1:] * sentinel  # (N, D)
+        context = pool_memory(alpha_hat[:, :-1], regions, layout) + alpha_hat[:, -1:] * sentinel  # (N, D)
         preds = self.fc(self.dropout(context + h))
         return preds, (h, c), alpha_hat

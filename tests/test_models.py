@@ -52,6 +52,24 @@ def test_attention_shares_one_memory_row_among_beams():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("decoder_class", [DecoderWithAttention, DecoderWithAdaptiveAttention])
+def test_a_step_with_a_row_layout_equals_the_step_on_copied_memory(decoder_class):
+    """Images with 2, 0 and 3 state rows reading their shared memory rows (batched beam search) give
+    what one copy of the memory per row gives."""
+    torch.manual_seed(0)
+    decoder = decoder_class(10, 8, 12, VOCAB, CHANNELS, dropout=0.0).eval()
+    memory, _ = decoder.start(torch.randn(3, 9, CHANNELS))
+    image, slot = torch.tensor([0, 0, 2, 2, 2]), torch.tensor([0, 1, 0, 1, 2])
+    state = (torch.randn(5, 12), torch.randn(5, 12))
+    words = decoder.embedding(torch.randint(4, VOCAB, (5,)))
+    with torch.no_grad():
+        shared = decoder.one_step(words, memory, state, models.RowLayout(image, slot, 3))
+        copied = decoder.one_step(words, tuple(m[image] for m in memory), state)
+    torch.testing.assert_close(shared[0], copied[0])  # scores
+    torch.testing.assert_close(shared[1], copied[1])  # state
+    torch.testing.assert_close(shared[2], copied[2])  # attention
+
+
 @pytest.mark.parametrize("decoder_class, attention_size", [
     (DecoderWithRNN, None), (DecoderWithAttention, 9), (DecoderWithAdaptiveAttention, 10)])
 def test_decoder_outputs_are_sorted_and_shaped(decoder_class, attention_size):

@@ -387,16 +387,12 @@ class RowLayout:
         return padded.view(-1, self.width, *padded.shape[1:])[self.image, self.slot]
 
 
-def beams_per_row(memory_tensor, state_tensor):
-    """How many consecutive state rows share each memory row (1 in training, k in beam search)."""
-    return state_tensor.size(0) // memory_tensor.size(0)
-
-
 def rows_of_memory(memory_tensor, state_tensor, layout):
-    """memory_tensor (B, ...) repeated for each state row: (N, ...)."""
+    """memory_tensor (B, ...) repeated for each state row: (N, ...); without a layout each memory row
+    serves N / B consecutive state rows (1 in training, k in the one-image beam search)."""
     if layout is not None:
         return memory_tensor[layout.image]
-    return memory_tensor.repeat_interleave(beams_per_row(memory_tensor, state_tensor), dim=0)
+    return memory_tensor.repeat_interleave(state_tensor.size(0) // memory_tensor.size(0), dim=0)
 
 
 def pool_memory(weights, memory, layout=None):

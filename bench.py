@@ -431,7 +431,7 @@ def preprocess_section(work, settings):
 
 def seconds_in_fresh_process(json_path, image_folder, output_folder, image_size, workers):
     """Seconds one create_input_files call takes in a new Python process (interpreter start-up excluded)."""
-    code = ("import sys, time; from create_input_files import create_input_files; start = time.perf_counter(); "
+    code = ("import time; from create_input_files import create_input_files; start = time.perf_counter(); "
             f"create_input_files('shapes', {json_path!r}, {image_folder!r}, {CAPTIONS_PER_IMAGE}, 0, "
             f"{output_folder!r}, image_size={image_size}, workers={workers}, overwrite=True); "
             "print(time.perf_counter() - start)")

@@ -5,11 +5,14 @@ global registry keeps them alive, and a notebook's backend is left alone. In a n
 `%matplotlib inline` once; a returned Figure then shows as a cell's last expression.
 """
 import contextlib
+import errno
 import functools
 import math
 import numbers
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,36 +36,154 @@ class ToolkitError(Exception):
     """An error caused by the user's input; command lines print it without a traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: temporary files are removed on the way out."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_cli(main, argv=None):
-    """Run `main(argv)`, turning ToolkitError and Ctrl-C into a one-line message and an exit code."""
+    """Run `main(argv)`, turning ToolkitError, OSError, Ctrl-C and SIGTERM into a one-line message and an
+    exit code (2 for errors, 130 for Ctrl-C, 143 for SIGTERM)."""
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main(argv)
     except ToolkitError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: nothing half-written was left behind", file=sys.stderr)
-        sys.exit(130)
+    except OSError as error:  # a file the toolkit did not expect to fail: name it
+        where = f" {error.filename!r}" if error.filename else ""
+        print(f"error: cannot access{where}: {error.strerror or error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as interrupt:
+        stopped = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        print(f"{stopped}: nothing half-written was left behind", file=sys.stderr)
+        sys.exit(143 if isinstance(interrupt, Terminated) else 130)
+
+
+TEMP_SUFFIX = ".tmp"
+TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+\.tmp$")  # .<name>.<pid>.<random>.tmp
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def temp_prefix(path):
+    """The start of the temporary names of `path`: `.<name>.<pid>.`, so a later run can tell whose they are."""
+    return f".{os.path.basename(path)}.{os.getpid()}."
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, needed_bytes=None):
     """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
 
-    Readers never see a half-written file, even after a crash or Ctrl-C.
+    Readers never see a half-written file, even after a crash, Ctrl-C or SIGTERM; after a kill -9 the
+    temporary file stays, named with the writer's pid, and `remove_stale_temp_files` clears it later.
+    A full disk becomes a ToolkitError that says where, how much is free and (given `needed_bytes`) how
+    much is needed; the previous file at `path` is left as it was.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=temp_prefix(path), suffix=TEMP_SUFFIX)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a normal file's mode
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if no_space_left(error):
+            raise ToolkitError(disk_full_message(path, needed_bytes)) from None
         raise
+
+
+def no_space_left(error):
+    """True for a write that failed because the disk (or a quota, or a file size limit) is full; h5py reports
+    that as a plain OSError whose text names the errno."""
+    text = str(error)
+    if isinstance(error, RuntimeError):  # torch.save's stream writer
+        return "file write failed" in text or "iostream" in text
+    if not isinstance(error, OSError):
+        return False
+    return error.errno in NO_SPACE_ERRNOS or "No space left" in text or "File too large" in text \
+        or "errno = 28" in text or "errno = 27" in text
+
+
+def disk_full_message(path, needed_bytes=None):
+    folder = os.path.dirname(os.path.abspath(path))
+    need = f"; it needs about {format_bytes(needed_bytes)}" if needed_bytes else ""
+    return (f"the disk is full: writing {path!r} failed with {format_bytes(shutil.disk_usage(folder).free)} "
+            f"free in {folder!r}{need}. The previous version of the file, if any, is intact; free some space "
+            f"or write elsewhere")
+
+
+def format_bytes(count):
+    """1234567 -> '1.2 MB'."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+
+
+def check_free_space(folder, needed_bytes, what, margin_bytes=0, fix="free some space or write elsewhere"):
+    """Refuse before any work when `what` ({needed_bytes} bytes, plus a margin left free) does not fit."""
+    free = shutil.disk_usage(folder).free
+    if needed_bytes + margin_bytes > free:
+        margin = f" plus {format_bytes(margin_bytes)} kept free" if margin_bytes else ""
+        raise ToolkitError(f"{what} needs {format_bytes(needed_bytes)}{margin} but {folder!r} has only "
+                           f"{format_bytes(free)} free; {fix}")
+
+
+def check_writable_folder(folder, what):
+    """Create `folder` if needed and prove it writable before any work is spent; a ToolkitError naming it and
+    `what` (e.g. "cfg['output_folder'] (--output-folder)") otherwise."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ToolkitError(f"{what} {folder!r} is a file, not a folder; pass a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ToolkitError(f"{what} {folder!r} is not writable ({error.strerror or error}); pass a folder "
+                           f"you can write to") from None
+
+
+def check_writable_file(path, what):
+    """A file about to be written: its folder must be writable and the path must not be a folder."""
+    if os.path.isdir(path):
+        raise ToolkitError(f"{what} {path!r} is a folder; pass a file name")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), f"the folder of {what}")
+
+
+def remove_stale_temp_files(folder):
+    """Delete the temporary files that killed runs left in `folder` (their writer's pid is gone); return them."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        match = TEMP_NAME.match(name)
+        if match and not process_alive(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+    if removed:
+        print(f"note: removed {len(removed)} temporary file(s) left in {folder!r} by a killed run "
+              f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
+    return removed
+
+
+def process_alive(pid):
+    """Whether a process with this pid runs on this machine."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def current_umask():

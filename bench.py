@@ -9,7 +9,7 @@ The CPU part uses the course's model configuration (ResNet-101 with random weigh
 14 x 14 grid, batch 32, embed/attention/decoder 512) and prints one line per figure; the ratios are
 `train_speedup_attention`, `train_speedup_rnn`, `beam_speedup` (with `beam_mismatches`) and
 `preprocess_speedup`, each with the absolute figures behind it. Every timed part runs the toolkit's
-own code (solver.Trainer.forward_batch/step, beam_search, create_input_files) after a warm-up, in
+own code (training.Trainer.train_step, beam_search, create_input_files) after a warm-up, in
 one process, with data loading in that process too (workers=0), so both sides of a ratio pay for it.
 """
 import argparse
@@ -34,13 +34,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import get_model
 from tqdm import tqdm
 
-import solver
 from beam_search import beam_search, beam_search_one
 from create_input_files import base_name, create_input_files
 from datasets import ImageCaptionsDataset, normalize_images
+from config import validate_cfg
 from features import ensure_feature_cache
 from models import BACKBONES, Encoder
 from shapes import IMAGE_FOLDER, JPEG_QUALITY, make_shapes_dataset
+from training import Trainer
 from utils import atomic_path, run_cli
 
 COCO_TRAIN_IMAGES = 113_287  # Karpathy split: train + restval
@@ -155,17 +156,15 @@ def timed(function, *args, device="cpu", **kwargs):
 
 
 def training_steps(trainer):
-    """Endless training steps as solver.Trainer.train_epoch runs them (forward_batch, check_finite,
-    step), epoch after epoch; yields (captions in the batch, loss)."""
+    """Endless training steps as training.Trainer.train_epoch runs them (Trainer.train_step), epoch after
+    epoch; yields (captions in the batch, loss)."""
     trainer.decoder.train()
     trainer.encoder.train(trainer.cfg["fine_tune_encoder"])  # a frozen encoder stays in eval mode
     for epoch in itertools.count():
         trainer.shuffle.manual_seed(trainer.cfg["seed"] * 100_003 + epoch)
-        for index, batch in enumerate(trainer.train_loader):
-            loss = trainer.forward_batch(batch)[0]
-            trainer.check_finite(loss, epoch, index)
-            trainer.step(loss)
-            yield batch[2].numel(), loss.item()  # lengths: (B, 1) per caption, (B, cpi) grouped
+        for batch in trainer.train_loader:
+            stats = trainer.train_step(batch)
+            yield batch[2].numel(), stats["loss"][0]  # lengths: (B, 1) per caption, (B, cpi) grouped
 
 
 def time_side_by_side(sides, warmup, rounds, device):
@@ -220,14 +219,14 @@ def calibrated_weights(backbone, data_folder, data_name, path, images=CALIBRATIO
 
 
 def make_trainer(data, work, settings, decoder, device="cpu", **overrides):
-    """A solver.Trainer on the bench data: the course's model configuration, the toolkit's cfg defaults
+    """A training.Trainer on the bench data: the course's model configuration, the toolkit's cfg defaults
     (grouped captions, feature cache) unless `overrides` say otherwise."""
     cfg = {"data_folder": data.folder, "data_name": data.name, "decoder": decoder, "encoder": settings.backbone,
            "encoder_weights": data.encoder_weights, "encoded_image_size": settings.grid, "embed_dim": settings.dims,
            "attention_dim": settings.dims, "decoder_dim": settings.dims, "batch_size": BATCH_SIZE, "workers": 0,
            "device": device, "seed": SEED, "print_freq": 0, "output_folder": os.path.join(work, "checkpoints"),
            "cache_folder": os.path.join(work, "cache")}
-    return solver.Trainer(solver.validate_cfg(dict(cfg, **overrides)))
+    return Trainer(validate_cfg(dict(cfg, **overrides)))
 
 
 @dataclass(frozen=True)

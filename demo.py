@@ -30,7 +30,8 @@ import torch  # noqa: E402  (after the environment variable above, as are the mo
 import solver  # noqa: E402
 from create_input_files import create_input_files  # noqa: E402
 from shapes import make_shapes_dataset  # noqa: E402
-from utils import ToolkitError, atomic_path, load_checkpoint, plot_history, results_table, run_cli  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
+from utils import ToolkitError, atomic_path, plot_history, results_table, run_cli  # noqa: E402
 
 DATA_FOLDER = "shapes_data"
 CHECKPOINT_FOLDER = "checkpoints"
@@ -119,7 +120,7 @@ def prepare_data(folder, settings):
 
 
 def run_cfg(settings, data, decoder, output_folder, device):
-    """The training cfg of one decoder (every other key keeps its default, see solver.CFG_SCHEMA)."""
+    """The training cfg of one decoder (every other key keeps its default, see config.CFG_SCHEMA)."""
     return {"data_folder": data.folder, "data_name": data.data_name, "decoder": decoder,
             "encoder": ENCODER, "encoder_weights": "DEFAULT", "encoded_image_size": settings.encoded_image_size,
             "fine_tune_encoder": False,  # frozen: every image is encoded once, into the feature cache

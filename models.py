@@ -251,6 +251,12 @@ class CaptionDecoder(nn.Module):
     #: 'alphas' from forward/one_step: None (no attention), (.., P) or (.., P + 1) with the sentinel last
     has_attention = False
     has_sentinel = False
+    #: the doubly stochastic attention regularisation (cfg alpha_c) applies to this decoder's alphas
+    attention_regularization = False
+    #: one_step accepts a RowLayout; otherwise batched beam search gives it copies of the memory rows
+    handles_layout = True
+    #: its learning rate needs a warm-up (cfg lr_warmup_steps)
+    lr_warmup = False
 
     def __init__(self, embed_dim, decoder_dim, vocab_size, encoder_dim, dropout):
         super().__init__()
@@ -261,6 +267,12 @@ class CaptionDecoder(nn.Module):
         self.dropout_p = dropout
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.dropout = nn.Dropout(p=dropout)
+
+    @classmethod
+    def from_cfg(cls, cfg, vocab_size, encoder_dim):
+        """The decoder sized as cfg says, for `vocab_size` words and encodings of `encoder_dim` channels."""
+        return cls(cfg["attention_dim"], cfg["embed_dim"], cfg["decoder_dim"], vocab_size, encoder_dim,
+                   cfg["dropout"])
 
     def init_output_weights(self):
         """The course's initialisation: uniform embeddings and output weights, zero output bias."""
@@ -337,6 +349,10 @@ class DecoderWithRNN(CaptionDecoder):
         # Kept out of the module tree (no state_dict entries, no copies of the weights).
         self.__dict__["_sequence_lstm"] = nn.LSTM(embed_dim, decoder_dim, batch_first=True, device="meta")
         self.init_output_weights()
+
+    @classmethod
+    def from_cfg(cls, cfg, vocab_size, encoder_dim):
+        return cls(cfg["embed_dim"], cfg["decoder_dim"], vocab_size, encoder_dim, cfg["dropout"])
 
     def start(self, encoder_out):
         mean_encoding = encoder_out.mean(dim=1)  # (B, C)
@@ -460,6 +476,7 @@ class DecoderWithAttention(CaptionDecoder):
     """Show, Attend and Tell: attention from h_{t-1}, gated by beta = sigmoid(f_beta(h_{t-1}))."""
 
     has_attention = True
+    attention_regularization = True
 
     def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5):
         super().__init__(embed_dim, decoder_dim, vocab_size, encoder_dim, dropout)
@@ -536,3 +553,19 @@ class DecoderWithAdaptiveAttention(CaptionDecoder):
         context = pool_memory(alpha_hat[:, :-1], regions, layout) + alpha_hat[:, -1:] * sentinel  # (N, D)
         preds = self.fc(self.dropout(context + h))
         return preds, (h, c), alpha_hat
+
+
+# ---------------------------------------------------------------- the registry of decoders
+# cfg["decoder"] -> class. A new decoder is a CaptionDecoder subclass above and one entry here: training,
+# beam search, sampling, test and caption follow what the class declares (has_attention, has_sentinel,
+# attention_regularization, handles_layout, lr_warmup), never its name.
+DECODERS = {
+    "rnn": DecoderWithRNN,
+    "attention": DecoderWithAttention,
+    "adaptive": DecoderWithAdaptiveAttention,
+}
+
+
+def build_decoder(cfg, vocab_size, encoder_dim):
+    """The decoder that cfg['decoder'] names, sized for the vocabulary and the encoder's channels."""
+    return DECODERS[cfg["decoder"]].from_cfg(cfg, vocab_size, encoder_dim)

@@ -1,4 +1,4 @@
-"""Shared helpers: user-facing errors, atomic files, checkpoint I/O, metrics, figures and tables.
+"""Shared helpers: user-facing errors, atomic files and disk checks, metrics, figures and tables.
 
 Figures are `matplotlib.figure.Figure` objects, never pyplot ones: they need no GUI backend, no
 global registry keeps them alive, and a notebook's backend is left alone. In a notebook run
@@ -191,36 +191,6 @@ def current_umask():
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-CHECKPOINT_FORMAT = "captioning-toolkit/1"
-
-
-def save_checkpoint(state, path):
-    """Write a checkpoint dict (state_dicts and plain data only) atomically."""
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(dict(state, format=CHECKPOINT_FORMAT), tmp)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint of this toolkit safely (weights_only: it can never run code)."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise ToolkitError(f"checkpoint {path!r} does not exist; pass the path of a "
-                           f"checkpoint_*.pth.tar or BEST_checkpoint_*.pth.tar file written by training")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises many types for foreign or corrupt files
-        raise ToolkitError(f"{path!r} is not a checkpoint of this toolkit (it cannot be loaded safely: "
-                           f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ToolkitError(f"{path!r} is not a checkpoint of this toolkit (no '{CHECKPOINT_FORMAT}' format "
-                           f"tag); checkpoints of the course's code pickle whole models and cannot be "
-                           f"loaded safely: retrain with solver.train")
-    return checkpoint
 
 
 # ---------------------------------------------------------------- caption metrics
@@ -602,6 +572,8 @@ def plot_history(runs, out=None):
 def _history_and_cfg(source):
     """(history, cfg or None) of a checkpoint path, a loaded checkpoint dict or a bare history dict."""
     if isinstance(source, (str, os.PathLike)):
+        from checkpoints import load_checkpoint  # checkpoints imports this module
+
         source = load_checkpoint(source)
     if "history" in source:
         return source["history"], source.get("cfg")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import features
-import solver
+import config
+import training
 from conftest import tiny_cfg
 from datasets import ImageCaptionsDataset, data_paths, normalize_images
 from models import Encoder
@@ -110,10 +111,10 @@ def test_refuses_when_the_disk_is_too_small(data, tmp_path, monkeypatch):
 
 
 def test_training_reads_the_cache_only_with_a_frozen_encoder(data, tmp_path):
-    frozen = solver.Trainer(solver.validate_cfg(tiny_cfg(data, tmp_path / "a")))
+    frozen = training.Trainer(config.validate_cfg(tiny_cfg(data, tmp_path / "a")))
     assert frozen.train_loader.dataset.features_file.endswith("TRAIN_FEATURES_" + data.data_name + "_resnet18.hdf5")
     assert frozen.val_loader.dataset.features_file.endswith("VAL_FEATURES_" + data.data_name + "_resnet18.hdf5")
-    tuned = solver.Trainer(solver.validate_cfg(tiny_cfg(data, tmp_path / "b", fine_tune_encoder=True)))
+    tuned = training.Trainer(config.validate_cfg(tiny_cfg(data, tmp_path / "b", fine_tune_encoder=True)))
     assert tuned.train_loader.dataset.features_file is None
     assert tuned.encoder_optimizer is not None
 

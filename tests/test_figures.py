@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import utils
 from utils import markdown_table, plot_history, results_table, upsample_attention, visualize_att
 
@@ -133,7 +134,7 @@ def test_plot_history_labels_checkpoints_from_their_cfg(tmp_path):
     for decoder, fine_tune in [("rnn", False), ("attention", False), ("attention", True)]:
         path = tmp_path / f"{decoder}_{fine_tune}.pth.tar"
         cfg = {"decoder": decoder, "encoder": "resnet101", "fine_tune_encoder": fine_tune}
-        utils.save_checkpoint({"cfg": cfg, "history": history(2, 0.0)}, str(path))
+        checkpoints.save_checkpoint({"cfg": cfg, "history": history(2, 0.0)}, str(path))
         paths.append(str(path))
     fig = plot_history(paths)
     expected = ["attention / resnet101", "attention / resnet101 fine-tuned", "rnn / resnet101"]

@@ -14,7 +14,7 @@ from PIL import Image
 import solver
 from conftest import tiny_cfg
 from datasets import load_word_map
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("train.ipynb", "test.ipynb", "caption.ipynb")

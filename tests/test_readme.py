@@ -1,9 +1,9 @@
-"""The README stays true to the code: its cfg table lists every key of solver.CFG_SCHEMA with its
+"""The README stays true to the code: its cfg table lists every key of config.CFG_SCHEMA with its
 default, and the commands it gives exist in the Makefile."""
 import os
 import re
 
-import solver
+import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,8 +15,8 @@ def read(name):
 
 def test_cfg_table_lists_every_key_with_its_default():
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", read("README.md"), flags=re.MULTILINE))
-    assert list(rows) == list(solver.CFG_SCHEMA)
-    for key, (default, _, _) in solver.CFG_SCHEMA.items():
+    assert list(rows) == list(config.CFG_SCHEMA)
+    for key, (default, _, _) in config.CFG_SCHEMA.items():
         assert rows[key] == repr(default), key
 
 

@@ -9,11 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
+import config
 import solver
+import training_steps
+from models import build_decoder
 from conftest import tiny_cfg
 from datasets import ImageCaptionsDataset, load_word_map, normalize_images
 from models import Encoder
-from utils import ToolkitError, load_checkpoint
+from checkpoints import load_checkpoint
+from utils import ToolkitError
 
 
 def train_tiny(data, folder, **overrides):
@@ -57,10 +61,10 @@ def test_fresh_run_refuses_to_replace_an_earlier_best(tiny_shapes, tmp_path):
 
 
 def test_course_attention_switch_maps_to_decoder(tiny_shapes, tmp_path):
-    assert solver.validate_cfg(tiny_cfg(tiny_shapes, tmp_path, attention=True))["decoder"] == "attention"
-    assert solver.validate_cfg(tiny_cfg(tiny_shapes, tmp_path))["decoder"] == "rnn"
+    assert config.validate_cfg(tiny_cfg(tiny_shapes, tmp_path, attention=True))["decoder"] == "attention"
+    assert config.validate_cfg(tiny_cfg(tiny_shapes, tmp_path))["decoder"] == "rnn"
     with pytest.raises(ToolkitError, match="contradicts"):
-        solver.validate_cfg(tiny_cfg(tiny_shapes, tmp_path, attention=False, decoder="adaptive"))
+        config.validate_cfg(tiny_cfg(tiny_shapes, tmp_path, attention=False, decoder="adaptive"))
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -68,7 +72,14 @@ def test_course_attention_switch_maps_to_decoder(tiny_shapes, tmp_path):
     ("epochs", "10", "cfg\\['epochs'\\] = '10' has type str"),
     ("fine_tune_encoder", 1, "cfg\\['fine_tune_encoder'\\] = 1 has type int"),
     ("batch_size", True, "cfg\\['batch_size'\\] = True has type bool"),
-    ("decoder", "transformer", "use one of rnn, attention, adaptive"),
+    ("decoder", "lstm", "use one of rnn, attention, adaptive"),
+    ("device", "gpu", "cfg\\['device'\\] = 'gpu' is not a torch device"),
+    ("decoder_lr", -1e-4, "cfg\\['decoder_lr'\\] = -0.0001 must be a positive, finite learning rate"),
+    ("decoder_lr", float("nan"), "cfg\\['decoder_lr'\\] = nan must be a positive, finite"),
+    ("workers", -1, "cfg\\['workers'\\] = -1 must be 0 or more"),
+    ("lr_decay_patience", 0, "cfg\\['lr_decay_patience'\\] = 0 must be at least 1"),
+    ("grad_clip", -5.0, "cfg\\['grad_clip'\\] = -5.0 must be positive"),
+    ("start_epoch", 1, "cfg\\['start_epoch'\\] = 1 leaves nothing to train: epochs = 1"),
 ])
 def test_bad_cfg_is_refused_before_anything_runs(tiny_shapes, tmp_path, key, value, message):
     with pytest.raises(ToolkitError, match=message):
@@ -76,9 +87,9 @@ def test_bad_cfg_is_refused_before_anything_runs(tiny_shapes, tmp_path, key, val
     assert not os.path.exists(tmp_path / "out")
 
 
-@pytest.mark.parametrize("fine_tune", [False, True])
-def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(tiny_shapes, tmp_path, fine_tune):
-    options = {"decoder": "attention", "fine_tune_encoder": fine_tune, "deterministic": True}
+@pytest.mark.parametrize("fine_tune, workers", [(False, 2), (True, 0)])
+def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(tiny_shapes, tmp_path, fine_tune, workers):
+    options = {"decoder": "attention", "fine_tune_encoder": fine_tune, "deterministic": True, "workers": workers}
     straight = train_tiny(tiny_shapes, tmp_path / "straight", epochs=2, **options)
     first = train_tiny(tiny_shapes, tmp_path / "resumed", epochs=1, **options)
     after_first_epoch = load_checkpoint(first["last_checkpoint"])["encoder_state"]
@@ -109,14 +120,14 @@ def test_each_decoder_overfits_a_handful_of_images(tiny_shapes, decoder):
     encoder = Encoder(4, "resnet18", weights=None).eval()
     with torch.no_grad():
         encoder_out = encoder(normalize_images(images))  # (4, 4, 4, 512)
-    cfg = solver.validate_cfg({"data_folder": "x", "data_name": "y", "decoder": decoder, "embed_dim": 64,
+    cfg = config.validate_cfg({"data_folder": "x", "data_name": "y", "decoder": decoder, "embed_dim": 64,
                                "attention_dim": 64, "decoder_dim": 64, "dropout": 0.0})
     vocab_size = len(load_word_map(tiny_shapes.folder, tiny_shapes.data_name))
-    model = solver.build_decoder(cfg, vocab_size, encoder.encoder_dim)
+    model = build_decoder(cfg, vocab_size, encoder.encoder_dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     for _ in range(200):
         scores, sorted_captions, decode_lengths, alphas, _ = model(encoder_out, captions[:, 0], lengths[:, 0])
-        loss, _, _ = solver.caption_loss(scores, sorted_captions[:, 1:], decode_lengths, alphas, 0.0, decoder)
+        loss, _, _ = training_steps.caption_loss(scores, sorted_captions[:, 1:], decode_lengths, alphas, 0.0, False)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -129,16 +140,16 @@ def test_grouped_batch_gives_the_per_caption_loss(tiny_shapes):
     dataset = ImageCaptionsDataset(tiny_shapes.folder, tiny_shapes.data_name, "TRAIN")
     images, captions, lengths = (torch.stack(items) for items in zip(*[dataset[i] for i in range(3)]))
     encoder_out = Encoder(4, "resnet18", weights=None).eval()(normalize_images(images)).detach()
-    cfg = solver.validate_cfg({"data_folder": "x", "data_name": "y", "attention": True, "embed_dim": 32,
+    cfg = config.validate_cfg({"data_folder": "x", "data_name": "y", "attention": True, "embed_dim": 32,
                                "attention_dim": 32, "decoder_dim": 32})
-    decoder = solver.build_decoder(cfg, 200, 512).train()
+    decoder = build_decoder(cfg, 200, 512).train()
     decoder.dropout.p = 0.0
     flat_captions, flat_lengths = captions.reshape(15, -1), lengths.reshape(15)
     image_of_caption = torch.arange(3).repeat_interleave(5)
 
     def loss_of(*inputs):
         scores, sorted_captions, decode_lengths, alphas, _ = decoder(*inputs)
-        return solver.caption_loss(scores, sorted_captions[:, 1:], decode_lengths, alphas, 1.0, "attention")[0]
+        return training_steps.caption_loss(scores, sorted_captions[:, 1:], decode_lengths, alphas, 1.0, True)[0]
 
     grouped = loss_of(encoder_out, flat_captions, flat_lengths, image_of_caption)
     per_caption = loss_of(encoder_out[image_of_caption], flat_captions, flat_lengths)
@@ -148,7 +159,7 @@ def test_grouped_batch_gives_the_per_caption_loss(tiny_shapes):
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shapes, tmp_path, monkeypatch):
     first = train_tiny(tiny_shapes, tmp_path, epochs=1)
     before = open(first["last_checkpoint"], "rb").read()
-    real_loss = solver.caption_loss
+    real_loss = training_steps.caption_loss
     calls = {"n": 0}
 
     def poisoned(*args):
@@ -156,8 +167,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shapes, tm
         loss, scores, targets = real_loss(*args)
         return (loss * float("nan") if calls["n"] == 2 else loss), scores, targets
 
-    monkeypatch.setattr(solver, "caption_loss", poisoned)
-    with pytest.raises(ToolkitError, match=r"became nan at epoch 1, batch 1"):
+    monkeypatch.setattr(training_steps, "caption_loss", poisoned)
+    with pytest.raises(ToolkitError, match=r"at epoch 1, batch 1 became nan"):
         train_tiny(tiny_shapes, tmp_path, epochs=2, checkpoint=first["last_checkpoint"])
     assert open(first["last_checkpoint"], "rb").read() == before
 

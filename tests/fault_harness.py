@@ -1,0 +1,83 @@
+"""Run `solver.py train` with a fault injected at one moment, for the subprocess tests of test_faults.py.
+
+    python fault_harness.py MOMENT SIGNAL CFG_JSON
+
+MOMENT: cache (while the feature cache is built), mid_epoch (epoch 1, second batch), validation (epoch 1's
+validation), last / best (epoch 1's last or BEST checkpoint half written), or none. SIGNAL: KILL or TERM:
+the process sends it to itself at that moment. The fault is injected by wrapping the toolkit's functions in
+this process only; the toolkit itself has no test hooks.
+"""
+import json
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import checkpoints  # noqa: E402
+import features  # noqa: E402
+import solver  # noqa: E402
+import training  # noqa: E402
+from utils import run_cli  # noqa: E402
+
+FAULT_EPOCH = 1
+
+
+def fault(signal_name):
+    os.kill(os.getpid(), getattr(signal, f"SIG{signal_name}"))
+
+
+def inject(moment, signal_name):
+    """Wrap the function that runs at `moment` so that it signals this process there."""
+    if moment == "cache":
+        real_normalize = features.normalize_images
+        calls = {"n": 0}
+
+        def normalize_then_fault(images):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                fault(signal_name)
+            return real_normalize(images)
+        features.normalize_images = normalize_then_fault
+    elif moment == "mid_epoch":
+        real_step = training.Trainer.train_step
+
+        def step_then_fault(self, batch, where="this batch"):
+            if where == f"epoch {FAULT_EPOCH}, batch 1":
+                fault(signal_name)
+            return real_step(self, batch, where)
+        training.Trainer.train_step = step_then_fault
+    elif moment == "validation":
+        real_validate = training.Trainer.validate
+
+        def validate_then_fault(self, epoch):
+            if epoch == FAULT_EPOCH:
+                fault(signal_name)
+            return real_validate(self, epoch)
+        training.Trainer.validate = validate_then_fault
+    elif moment in ("last", "best"):
+        real_save = torch.save
+
+        def save_half_then_fault(state, path, *args, **kwargs):
+            target = os.path.basename(path)
+            wanted = ".BEST_checkpoint_" if moment == "best" else ".checkpoint_"
+            if target.startswith(wanted) and isinstance(state, dict) and state.get("epoch") == FAULT_EPOCH:
+                with open(path, "wb") as file:
+                    file.write(b"half a checkpoint")
+                fault(signal_name)
+            return real_save(state, path, *args, **kwargs)
+        checkpoints.torch.save = save_half_then_fault
+
+
+def main():
+    moment, signal_name, cfg_json = sys.argv[1:4]
+    if moment != "none":
+        inject(moment, signal_name)
+    cfg = json.loads(cfg_json)
+    run_cli(lambda argv: solver.train(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""The training loop: epochs of a training stage, validation, checkpoints, early stopping, learning rates.
+
+`Trainer(cfg).run()` is what `solver.train(cfg)` does. Everything that could fail late (an output folder
+that cannot be written, a disk too small for the checkpoints, a run of the same name in progress or
+finished, a checkpoint that cannot resume) is checked before the first epoch. Each epoch writes
+`BEST_checkpoint_<run>` (when the val metric improved) and then `checkpoint_<run>`, so a kill at any
+moment loses at most the epoch in progress, and the last checkpoint never names a best epoch whose
+weights are not in BEST.
+"""
+import contextlib
+import math
+import shlex
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from checkpoints import (RunLock, RunPaths, check_resume_keys, checkpoint_bytes, load_checkpoint, run_name,
+                         save_checkpoint)
+from config import CFG_SCHEMA, MODEL_KEYS, default_cfg, upgrade_cfg
+from datasets import CaptionDataset, ImageCaptionsDataset, check_data_files, load_word_map, normalize_images
+from features import ensure_feature_cache
+from models import Encoder, build_decoder
+from training_steps import STAGES, TeacherForced, top5_accuracy
+from utils import ToolkitError, check_free_space, check_writable_folder, course_bleu, remove_stale_temp_files
+
+SPECIAL_WORDS = ("<start>", "<end>", "<pad>")
+HISTORY_KEYS = ("epoch", "train_loss", "train_top5", "val_loss", "val_top5", "val_bleu4", "lr", "seconds")
+RESUME_OPTION_SKIP = ("checkpoint", "overwrite")  # not repeated in the printed resume command
+
+
+def build_encoder(cfg, weights):
+    return Encoder(cfg["encoded_image_size"], backbone=cfg["encoder"], weights=weights)
+
+
+def make_optimizer(parameters, lr):
+    parameters = [p for p in parameters if p.requires_grad]
+    return torch.optim.Adam(parameters, lr=lr) if parameters else None
+
+
+def scale_learning_rate(optimizer, factor):
+    """Multiply every learning rate of an optimizer (the course's adjust_learning_rate)."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+    print(f"The new learning rate is {optimizer.param_groups[0]['lr']:.6g}")
+
+
+def strip_special(caption, word_map):
+    """Word ids without <start>, <end> and <pad>."""
+    special = {word_map[word] for word in SPECIAL_WORDS}
+    return [w for w in caption if w not in special]
+
+
+def default_workers(cfg):
+    return cfg["workers"] if cfg["workers"] is not None else min(4, os.cpu_count() or 1)
+
+
+def empty_history():
+    return {key: [] for key in HISTORY_KEYS}
+
+
+class Average:
+    """Running average weighted by counts."""
+
+    def __init__(self):
+        self.sum, self.count = 0.0, 0
+
+    def update(self, value, count=1):
+        self.sum += value * count
+        self.count += count
+
+    @property
+    def avg(self):
+        return self.sum / max(self.count, 1)
+
+
+class Trainer:
+    """Holds the state of one training run; `run()` trains epoch by epoch, as train(cfg) does."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.device = torch.device(cfg["device"])
+        self.cuda = self.device.type == "cuda"
+        check_data_files(cfg["data_folder"], cfg["data_name"], ("TRAIN", "VAL"))
+        self.word_map = load_word_map(cfg["data_folder"], cfg["data_name"])
+        resume = self.load_resume() if cfg["checkpoint"] else None
+        self.paths = RunPaths(run_name(cfg), cfg["output_folder"])
+        check_writable_folder(cfg["output_folder"], "cfg['output_folder'] (--output-folder)")
+        self.lock = RunLock(self.paths.lock).acquire()
+        try:
+            self.set_up(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def set_up(self, resume):
+        """Models, optimisers and data of the run, once the checks passed and the lock is held."""
+        cfg = self.cfg
+        if resume is None:
+            self.refuse_to_overwrite()
+        else:
+            self.refuse_to_rewind(resume)
+            self.repair_best(resume)
+        for folder in {cfg["output_folder"], cfg["cache_folder"] or cfg["data_folder"]}:
+            remove_stale_temp_files(folder)
+        torch.manual_seed(cfg["seed"])
+        self.encoder = build_encoder(cfg, weights=None if resume else cfg["encoder_weights"])
+        self.decoder = build_decoder(cfg, len(self.word_map), self.encoder.encoder_dim)
+        self.mixed_precision = self.cuda if cfg["mixed_precision"] is None else cfg["mixed_precision"] and self.cuda
+        self.channels_last = self.cuda if cfg["channels_last"] is None else cfg["channels_last"] and self.cuda
+        self.amp_dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.mixed_precision and self.amp_dtype == torch.float16)
+        self.state = {"epoch": cfg["start_epoch"] - 1, "best_bleu4": float(cfg["best_bleu4"]),
+                      "epochs_since_improvement": cfg["epochs_since_improvement"], "history": empty_history(),
+                      "reference_loss": None}
+        if resume is not None:
+            self.encoder.load_state_dict(resume["encoder_state"])
+            self.decoder.load_state_dict(resume["decoder_state"])
+        self.encoder.fine_tune(cfg["fine_tune_encoder"])
+        self.encoder.to(self.device)
+        self.decoder.to(self.device)
+        if self.channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
+        # Optimisers after the move: their state must live on the parameters' device.
+        self.decoder_optimizer = make_optimizer(self.decoder.parameters(), cfg["decoder_lr"])
+        self.encoder_optimizer = (make_optimizer(self.encoder.parameters(), cfg["encoder_lr"])
+                                  if cfg["fine_tune_encoder"] else None)
+        if resume is not None:
+            self.restore(resume)
+        self.check_space_for_checkpoints()
+        self.stage = STAGES[cfg.get("training", "xe")](self)
+        self.image_size = None
+        self.make_loaders()
+
+    @property
+    def decoder_module(self):
+        """The decoder itself (what it declares: has_attention, attention_regularization, ...)."""
+        return self.decoder
+
+    # ------------------------------------------------------------ checks before any work
+
+    def load_resume(self):
+        """The checkpoint to resume from, checked against the cfg (model keys, word map, what resuming needs)."""
+        path = self.cfg["checkpoint"]
+        checkpoint = load_checkpoint(path)
+        check_resume_keys(checkpoint, path)
+        checkpoint["cfg"] = upgrade_cfg(checkpoint["cfg"], path)
+        saved = checkpoint["cfg"]
+        for key in MODEL_KEYS:
+            if saved[key] != self.cfg[key]:
+                raise ToolkitError(f"cfg[{key!r}] = {self.cfg[key]!r} but checkpoint {path!r} was "
+                                   f"trained with {saved[key]!r}; use the checkpoint's value to resume")
+        if checkpoint["word_map"] != self.word_map:
+            raise ToolkitError(word_map_mismatch(path, self.cfg["data_folder"], self.cfg["data_name"]))
+        if checkpoint.get("encoder_optimizer") is not None and not self.cfg["fine_tune_encoder"]:
+            print("note: the checkpoint fine-tunes its encoder, so fine-tuning goes on (fine_tune_encoder = True)")
+            self.cfg["fine_tune_encoder"] = True
+        if checkpoint["epoch"] + 1 >= self.cfg["epochs"]:
+            raise ToolkitError(f"checkpoint {path!r} has trained epochs 0 to {checkpoint['epoch']} and cfg['epochs'] "
+                               f"= {self.cfg['epochs']}: nothing is left to train; raise epochs (--epochs) to "
+                               f"train on")
+        return checkpoint
+
+    def refuse_to_overwrite(self):
+        """A fresh run must not silently replace the checkpoints of an earlier run of the same name."""
+        existing = [path for path in (self.paths.best, self.paths.last) if os.path.exists(path)]
+        if existing and not self.cfg["overwrite"]:
+            raise ToolkitError(
+                f"{existing[0]!r} already holds a run named {self.paths.name!r}; resume it with "
+                f"cfg['checkpoint'] = {self.paths.last!r} (--checkpoint), give this run another "
+                f"cfg['run_name'] (--run-name), or set cfg['overwrite'] = True (--overwrite) to replace it")
+
+    def refuse_to_rewind(self, resume):
+        """Resuming from an older checkpoint (e.g. BEST) would overwrite the run's newer last checkpoint."""
+        last = self.paths.last
+        if not os.path.isfile(last) or os.path.abspath(last) == os.path.abspath(self.cfg["checkpoint"]):
+            return
+        last_epoch = load_checkpoint(last).get("epoch", -1)
+        if last_epoch > resume["epoch"] and not self.cfg["overwrite"]:
+            raise ToolkitError(
+                f"{last!r} holds epoch {last_epoch}, newer than epoch {resume['epoch']} of "
+                f"{self.cfg['checkpoint']!r}; resuming from the older one would overwrite it. Resume from "
+                f"{last!r}, continue under another cfg['run_name'] (--run-name), or set cfg['overwrite'] = True "
+                f"(--overwrite) to train on from epoch {resume['epoch']}")
+
+    def repair_best(self, resume):
+        """When the resumed checkpoint's own epoch is the best of its history but BEST holds another epoch (a kill
+        while BEST was written by an earlier version, which wrote it after the last checkpoint), rewrite BEST."""
+        scores = resume["history"].get("val_bleu4", [])
+        if not scores or resume["history"]["epoch"][scores.index(max(scores))] != resume["epoch"]:
+            return
+        best = self.paths.best
+        best_epoch = load_checkpoint(best).get("epoch") if os.path.isfile(best) else None
+        if best_epoch != resume["epoch"]:
+            print(f"note: {best!r} holds epoch {best_epoch}, but the best epoch of the history is {resume['epoch']}: "
+                  f"rewriting it from {self.cfg['checkpoint']!r}")
+            save_checkpoint({key: value for key, value in resume.items() if key not in ("format", "format_version")},
+                            best)
+
+    def check_space_for_checkpoints(self):
+        """The last and best checkpoints must fit on the output disk (each is written beside the old one)."""
+        state = {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict()}
+        optimizer_factor = 3  # the weights plus Adam's two moments of every trained parameter
+        needed = checkpoint_bytes(state) * optimizer_factor * 2
+        check_free_space(self.cfg["output_folder"], needed, "the last and best checkpoints",
+                         fix="free some space or point cfg['output_folder'] (--output-folder) at a larger disk")
+
+    def restore(self, checkpoint):
+        """Continue from a checkpoint: optimiser states, counters and history (weights are loaded already)."""
+        if checkpoint["decoder_optimizer"] is None:
+            print("note: the checkpoint holds no optimiser state (an imported model): the optimisers start afresh")
+        else:
+            self.decoder_optimizer.load_state_dict(checkpoint["decoder_optimizer"])
+            self.apply_new_rate(self.decoder_optimizer, "decoder_lr", checkpoint["cfg"])
+        if checkpoint.get("encoder_optimizer") is not None:
+            self.encoder_optimizer.load_state_dict(checkpoint["encoder_optimizer"])
+            self.apply_new_rate(self.encoder_optimizer, "encoder_lr", checkpoint["cfg"])
+        self.state.update({key: checkpoint[key] for key in ("epoch", "epochs_since_improvement", "history")})
+        self.state["best_bleu4"] = checkpoint.get("best_bleu4", 0.0)
+        self.state["reference_loss"] = checkpoint.get("reference_loss")
+        print(f"Resuming from {self.cfg['checkpoint']!r} after epoch {checkpoint['epoch']}")
+
+    def apply_new_rate(self, optimizer, key, saved_cfg):
+        """A resumed run with another cfg learning rate takes it, keeping the decays applied so far."""
+        old, new = saved_cfg[key], self.cfg[key]
+        if old == new:
+            return
+        for group in optimizer.param_groups:
+            group["lr"] *= new / old
+        print(f"note: cfg['{key}'] changed from {old:g} to {new:g} since the checkpoint: the learning rate is now "
+              f"{optimizer.param_groups[0]['lr']:.6g} (decays so far kept)")
+
+    # ------------------------------------------------------------ data
+
+    @property
+    def uses_cache(self):
+        cfg = self.cfg
+        return cfg["group_captions"] and cfg["feature_cache"] and not cfg["fine_tune_encoder"]
+
+    def make_loaders(self):
+        """Train and val DataLoaders: grouped images (or cached features) with all their captions,
+        or the course's one caption per item."""
+        cfg = self.cfg
+        workers = default_workers(cfg)
+        options = {"num_workers": workers, "pin_memory": self.cuda, "persistent_workers": workers > 0}
+        if not cfg["group_captions"]:
+            train = CaptionDataset(cfg["data_folder"], cfg["data_name"], "TRAIN")
+            val = CaptionDataset(cfg["data_folder"], cfg["data_name"], "VAL")
+            batch = cfg["batch_size"]
+        else:
+            features = {split: self.feature_file(split, workers) if self.uses_cache else None
+                        for split in ("TRAIN", "VAL")}
+            train = ImageCaptionsDataset(cfg["data_folder"], cfg["data_name"], "TRAIN", features["TRAIN"])
+            val = ImageCaptionsDataset(cfg["data_folder"], cfg["data_name"], "VAL", features["VAL"])
+            batch = max(1, cfg["batch_size"] // train.captions_per_image)
+        self.image_size = int(train.image(0).shape[-1])
+        # BatchNorm cannot train on a last batch of one image.
+        drop_last = len(train) % batch == 1
+        # The shuffle has a generator of its own, reseeded every epoch; the loader's generator (which draws the
+        # workers' seeds when they start, in a process's first epoch only) is another, so the order of an epoch
+        # is the same whether the process started with it (a resume) or not.
+        self.shuffle = torch.Generator()
+        sampler = torch.utils.data.RandomSampler(train, generator=self.shuffle)
+        worker_seeds = torch.Generator().manual_seed(cfg["seed"])
+        self.train_loader = torch.utils.data.DataLoader(train, batch_size=batch, sampler=sampler, drop_last=drop_last,
+                                                        generator=worker_seeds, **options)
+        self.val_loader = torch.utils.data.DataLoader(val, batch_size=batch, **options)
+
+    def feature_file(self, split, workers):
+        cfg = self.cfg
+        self.encoder.eval()
+        return ensure_feature_cache(self.encoder, cfg["data_folder"], cfg["data_name"], split, cfg["cache_folder"],
+                                    batch_size=max(1, cfg["batch_size"]), workers=workers, device=self.device)
+
+    # ------------------------------------------------------------ one batch
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.mixed_precision)
+
+    def encode(self, inputs):
+        """A batch from the loader -> (B, P, C) encodings: cached features, or the encoder on the images."""
+        inputs = inputs.to(self.device, non_blocking=True)
+        if inputs.dtype == torch.float16:  # cached features
+            return inputs.float()
+        if inputs.dtype == torch.uint8:
+            inputs = normalize_images(inputs)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        grid = self.encoder(inputs)  # (B, G, G, C)
+        return grid.reshape(grid.size(0), -1, grid.size(-1)).float()
+
+    def step(self, loss):
+        """Backward pass, gradient clipping and one step of every optimiser."""
+        optimizers = [o for o in (self.decoder_optimizer, self.encoder_optimizer) if o is not None]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg["grad_clip"] is not None:
+            for optimizer in optimizers:
+                self.scaler.unscale_(optimizer)
+                for group in optimizer.param_groups:
+                    torch.nn.utils.clip_grad_value_(group["params"], self.cfg["grad_clip"])
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def train_step(self, batch, where="this batch"):
+        """The stage's loss of one batch, checked, then one optimiser step; returns its statistics."""
+        loss, stats = self.stage.loss(batch)
+        check_finite(loss.item(), f"the training loss at {where}", self.paths.last)
+        self.step(loss)
+        return stats
+
+    # ------------------------------------------------------------ epochs
+
+    def train_epoch(self, epoch):
+        """One epoch of the stage's training step; returns the averages of its statistics."""
+        cfg = self.cfg
+        self.decoder.train()
+        self.encoder.train(cfg["fine_tune_encoder"])  # a frozen encoder keeps its BatchNorm statistics
+        averages = {}
+        self.shuffle.manual_seed(cfg["seed"] * 100_003 + epoch)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch} train", unit="batch")
+        for i, batch in enumerate(bar):
+            stats = self.train_step(batch, f"epoch {epoch}, batch {i}")
+            for key, (value, count) in stats.items():
+                averages.setdefault(key, Average()).update(value, count)
+            bar.set_postfix({key: f"{average.avg:.3f}" for key, average in averages.items()}, refresh=False)
+            if cfg["print_freq"] and (i + 1) % cfg["print_freq"] == 0:
+                shown = "\t".join(f"{key} {average.avg:.4f}" for key, average in averages.items())
+                bar.write(f"Epoch: [{epoch}][{i + 1}/{len(self.train_loader)}]\t{shown}")
+        return {key: average.avg for key, average in averages.items()}
+
+    @torch.no_grad()
+    def validate(self, epoch):
+        """Val loss, top-5 accuracy and the course's BLEU-4 of teacher-forced predictions against all the
+        captions of each image."""
+        self.decoder.eval()
+        self.encoder.eval()
+        losses, top5 = Average(), Average()
+        references, hypotheses = [], []
+        for batch in tqdm(self.val_loader, desc=f"epoch {epoch} val", unit="batch"):
+            forced = TeacherForced(self, batch)
+            losses.update(forced.loss.item(), forced.targets.numel())
+            top5.update(top5_accuracy(forced.packed_scores, forced.targets), forced.targets.numel())
+            all_captions = batch[3] if len(batch) == 4 else batch[1]  # (B, cpi, L)
+            predictions = forced.scores.argmax(dim=2).tolist()
+            for image, prediction, length in zip(forced.image_of_caption().tolist(), predictions,
+                                                 forced.decode_lengths):
+                references.append([strip_special(c, self.word_map) for c in all_captions[image].tolist()])
+                hypotheses.append(strip_special(prediction[:length], self.word_map))
+        check_finite(losses.avg, f"the validation loss at epoch {epoch}", self.paths.last,
+                     fix="check the VAL images or features for inf/NaN values (delete a damaged feature cache)")
+        return {"val_loss": losses.avg, "val_top5": top5.avg,
+                "val_bleu4": course_bleu(references, hypotheses)["bleu4"]}
+
+    @contextlib.contextmanager
+    def backend_settings(self):
+        """cuDNN autotuning (or deterministic kernels) for this run only; the caller's settings come back."""
+        saved = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+        deterministic = self.cfg["deterministic"]
+        if deterministic and self.cuda:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.backends.cudnn.benchmark = self.cuda and not deterministic
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = saved[0]
+            torch.use_deterministic_algorithms(saved[1])
+
+    def run(self):
+        """Train, then release the run's lock; on Ctrl-C or SIGTERM say how to resume."""
+        try:
+            with self.backend_settings():
+                return self.run_epochs()
+        except KeyboardInterrupt:
+            self.print_resume_command()
+            raise
+        finally:
+            self.lock.release()
+
+    def run_epochs(self):
+        cfg, state = self.cfg, self.state
+        for epoch in range(state["epoch"] + 1, cfg["epochs"]):
+            if state["epochs_since_improvement"] >= cfg["early_stop_patience"]:
+                print(f"No improvement for {state['epochs_since_improvement']} epochs: early stop")
+                break
+            if state["epochs_since_improvement"] > 0 and state["epochs_since_improvement"] % cfg["lr_decay_patience"] == 0:
+                scale_learning_rate(self.decoder_optimizer, cfg["lr_decay_factor"])
+                scale_learning_rate(self.encoder_optimizer, cfg["lr_decay_factor"])
+            torch.manual_seed(cfg["seed"] * 100_003 + epoch)  # dropout: the same whether resumed or not
+            started = time.time()
+            train_stats = self.train_epoch(epoch)
+            val_stats = self.validate(epoch)
+            bleu4 = val_stats["val_bleu4"]
+            print(f"\n * LOSS - {val_stats['val_loss']:.3f}, TOP-5 ACCURACY - {val_stats['val_top5']:.3f}, "
+                  f"BLEU-4 - {bleu4:.4f}\n")
+            is_best = bleu4 > state["best_bleu4"]
+            state["best_bleu4"] = max(bleu4, state["best_bleu4"])
+            state["epochs_since_improvement"] = 0 if is_best else state["epochs_since_improvement"] + 1
+            state["epoch"] = epoch
+            record = {"epoch": epoch, **{f"train_{key}": value for key, value in train_stats.items()}, **val_stats,
+                      "lr": self.decoder_optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
+            for key, value in record.items():
+                state["history"].setdefault(key, []).append(value)
+            self.save(is_best)
+        return {"best_checkpoint": self.paths.best, "last_checkpoint": self.paths.last,
+                "history": state["history"], "best_bleu4": state["best_bleu4"]}
+
+    def save(self, is_best):
+        """BEST first (when this epoch is best), then the last checkpoint: whichever a kill interrupts, the
+        last checkpoint on disk never records a best epoch that BEST does not hold."""
+        cfg = dict(self.cfg, checkpoint=None)
+        checkpoint = {"cfg": cfg, "word_map": self.word_map, "image_size": self.image_size,
+                      "encoder_state": self.encoder.state_dict(), "decoder_state": self.decoder.state_dict(),
+                      "encoder_optimizer": None if self.encoder_optimizer is None else self.encoder_optimizer.state_dict(),
+                      "decoder_optimizer": self.decoder_optimizer.state_dict(), **self.state}
+        if is_best:
+            save_checkpoint(checkpoint, self.paths.best)
+        save_checkpoint(checkpoint, self.paths.last)
+
+    def print_resume_command(self):
+        """After Ctrl-C or SIGTERM: the command that resumes this run from its last checkpoint."""
+        if not os.path.isfile(self.paths.last):
+            print(f"\nStopped before the first epoch ended: no checkpoint was written; run the same command to "
+                  f"start again.")
+            return
+        defaults = default_cfg()
+        options = [f"--{key.replace('_', '-')} {shlex.quote(str(value))}" if not isinstance(value, bool)
+                   else f"--{'' if value else 'no-'}{key.replace('_', '-')}"
+                   for key, value in self.cfg.items()
+                   if key in CFG_SCHEMA and key not in RESUME_OPTION_SKIP and value != defaults[key]
+                   and key not in ("attention", "device")]
+        print(f"\nStopped. To resume after epoch {load_checkpoint(self.paths.last)['epoch']}:\n"
+              f"  python solver.py train {' '.join(options)} --checkpoint {shlex.quote(self.paths.last)}")
+
+
+def check_finite(value, what, last_checkpoint, fix="lower decoder_lr/encoder_lr, set grad_clip, or turn "
+                                                   "mixed_precision off"):
+    if not math.isfinite(value):
+        raise ToolkitError(f"{what} became {value}; training stopped and the last good checkpoint "
+                           f"{last_checkpoint!r} (if any) is untouched. {fix[0].upper()}{fix[1:]}")
+
+
+def word_map_mismatch(checkpoint_path, data_folder, data_name):
+    return (f"the word map of checkpoint {checkpoint_path!r} differs from WORDMAP_{data_name}.json in "
+            f"{data_folder!r}; the checkpoint was trained on other data: use the data folder it was trained on")

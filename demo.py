@@ -29,8 +29,9 @@ import torch  # noqa: E402  (after the environment variable above, as are the mo
 
 import solver  # noqa: E402
 from create_input_files import create_input_files  # noqa: E402
+from figures import plot_history  # noqa: E402
 from shapes import make_shapes_dataset  # noqa: E402
-from utils import ToolkitError, atomic_path, load_checkpoint, plot_history, results_table, run_cli  # noqa: E402
+from utils import ToolkitError, atomic_path, load_checkpoint, results_table, run_cli  # noqa: E402
 
 DATA_FOLDER = "shapes_data"
 CHECKPOINT_FOLDER = "checkpoints"

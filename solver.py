@@ -22,9 +22,10 @@ from beam_search import beam_search
 from datasets import (CaptionDataset, ImageCaptionsDataset, check_data_files, load_references, load_word_map,
                       normalize_images)
 from features import ensure_feature_cache
+from figures import visualize_att
 from models import DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN, Encoder
 from utils import (ToolkitError, atomic_path, coco_caption_metrics, course_bleu, format_metrics, load_checkpoint,
-                   results_table, run_cli, save_checkpoint, visualize_att)
+                   results_table, run_cli, save_checkpoint)
 
 DECODERS = ("rnn", "attention", "adaptive")
 SPECIAL_WORDS = ("<start>", "<end>", "<pad>")

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import utils
-from utils import markdown_table, plot_history, results_table, upsample_attention, visualize_att
+from figures import plot_history, upsample_attention, visualize_att
+from utils import markdown_table, results_table
 
 WORD_MAP = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "a": 4, "red": 5, "circle": 6}
 REV_WORD_MAP = {index: word for word, index in WORD_MAP.items()}

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from run_log import METRICS_SUFFIX, aligned_columns, read_metrics_csv
-from utils import SPECIAL_WORDS, ToolkitError, atomic_path, load_checkpoint
+from utils import SPECIAL_WORDS, ToolkitError, atomic_path, load_checkpoint, to_numpy
 
 PIXELS_PER_CELL = 24  # the course's 14 x 24 = 336 pixel image for a 14 x 14 attention grid
 PANELS_PER_ROW = 5
@@ -36,16 +36,9 @@ def upsample_attention(alpha_grid, scale=PIXELS_PER_CELL, smooth=True):
     return resize(alpha_grid, (side, side), order=0, anti_aliasing=False, preserve_range=True)  # (G*s, G*s)
 
 
-def _to_numpy(values):
-    """A CPU float array from a numpy array, list or (possibly CUDA, grad-tracking) torch tensor."""
-    if hasattr(values, "detach"):
-        values = values.detach().cpu()
-    return np.asarray(values, dtype=np.float64)
-
-
 def _attention_grids(alphas):
     """(T, P) with P = G*G, or (T, G, G) -> (T, G, G) array."""
-    alphas = _to_numpy(alphas)
+    alphas = to_numpy(alphas)
     if alphas.ndim == 2:
         grid_size = math.isqrt(alphas.shape[1])
         if grid_size * grid_size == alphas.shape[1]:
@@ -85,7 +78,7 @@ def visualize_att(image_path, seq, alphas, rev_word_map, smooth=True, out=None, 
             raise ToolkitError(f"{len(grids)} attention maps for {len(words)} words ({' '.join(words)}): "
                                f"expected one per word after <start>, i.e. {len(words) - 1}")
         if betas is not None:
-            betas = _to_numpy(betas).reshape(-1)
+            betas = to_numpy(betas).reshape(-1)
             if len(betas) != len(grids):
                 raise ToolkitError(f"{len(betas)} betas for {len(grids)} attention maps: pass one per map")
         fig = _attention_figure(image_path, words, grids, smooth, betas)

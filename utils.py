@@ -12,6 +12,7 @@ import sys
 import tempfile
 import warnings
 
+import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -433,9 +434,18 @@ def _error_summary(text):
     return " ".join([line.strip() for line in text.splitlines() if line.strip()][:2])
 
 
-# ---------------------------------------------------------------- special tokens and tables
+# ---------------------------------------------------------------- special tokens, arrays and tables
 
 SPECIAL_WORDS = {"<start>", "<end>", "<pad>"}  # tokens of the word map that are not words of a caption
+
+
+def to_numpy(values):
+    """A CPU float array from a numpy array, list or (possibly CUDA, grad-tracking) torch tensor."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu()
+    return np.asarray(values, dtype=np.float64)
+
+
 MISSING = "—"
 
 

@@ -148,17 +148,17 @@ def plot_history(runs, out=None):
     from matplotlib.ticker import MaxNLocator
 
     labelled = runs.items() if isinstance(runs, Mapping) else [(None, source) for source in runs]
-    histories = {}
+    histories = []  # (label, aligned history); two runs may share a label
     for index, (label, source) in enumerate(labelled):
         history, default_label = _history_and_label(source, index)
         label = label if label is not None else default_label
         _check_history(history, label)
-        histories[label] = aligned_columns(history)
+        histories.append((label, aligned_columns(history)))
     panels = [panel for panel in HISTORY_PANELS
-              if any(key in history for history in histories.values() for key in panel[1:] if key)]
+              if any(key in history for _, history in histories for key in panel[1:] if key)]
     fig = Figure(figsize=(5 * len(panels), 4.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for index, (label, history) in enumerate(histories.items()):
+    for index, (label, history) in enumerate(histories):
         for ax, (_, solid_key, dashed_key) in zip(axes, panels):
             if solid_key in history:
                 ax.plot(*_series(history, solid_key), color=f"C{index}", marker="o", label=label)

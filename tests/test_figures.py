@@ -167,6 +167,14 @@ def test_plot_history_reads_a_metrics_csv_and_shows_the_metrics_present(tmp_path
     assert sorted(lines_by_label(fig.axes[2])) == ["run 2", "shapes_attention"]
 
 
+def test_plot_history_draws_runs_that_share_a_label():
+    fig = plot_history([history(2, 0.0), {"cfg": None, "history": history(3, 0.1)}, history(2, 0.2)])
+    assert [line.get_label() for line in fig.axes[2].get_lines()] == ["run 1", "run 2", "run 3"]
+    same = plot_history([{"cfg": {"decoder": "rnn", "encoder": "resnet18"}, "history": history(2, offset)}
+                         for offset in (0.0, 0.1)])
+    assert len(same.axes[2].get_lines()) == 2
+
+
 def test_plot_history_without_loss_and_top5_shows_bleu_alone():
     fig = plot_history({"scst": {"epoch": [0, 1], "val_bleu4": [0.3, 0.31]}})
     assert [ax.get_title() for ax in fig.axes] == ["validation BLEU-4"]

@@ -29,9 +29,10 @@ import torch  # noqa: E402  (after the environment variable above, as are the mo
 
 import solver  # noqa: E402
 from create_input_files import create_input_files  # noqa: E402
+from figures import plot_history  # noqa: E402
 from shapes import make_shapes_dataset  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
-from utils import ToolkitError, atomic_path, plot_history, results_table, run_cli  # noqa: E402
+from utils import ToolkitError, atomic_path, results_table, run_cli  # noqa: E402
 
 DATA_FOLDER = "shapes_data"
 CHECKPOINT_FOLDER = "checkpoints"

@@ -4,7 +4,8 @@ A scene holds 1 to 3 distinct objects (size, colour, shape), each in its own ver
 image so that left and right are well defined, over a noisy grey background. Every caption names
 every object; the templates share long n-grams and synonyms are rare, so a caption that names the
 objects right scores a high BLEU-4 against the references, while a caption written without looking
-at the image (the same for every image) scores low.
+at the image (the same for every image) scores low. Each image's record in the JSON also lists its
+objects' words and bounding boxes ("objects"), for scoring where attention looks (grounding.py).
 
     json_path = make_shapes_dataset("data", n_train=2000, n_val=200, n_test=200, seed=0)
     python shapes.py --scenes 200     # prints the BLEU-4 ceiling and blind baseline
@@ -152,12 +153,20 @@ def scene_at(seed, index):
     return scene, scene_sentences(scene, rng)
 
 
-def _image_entry(index, split, filename, sentences):
-    """One image in Karpathy's JSON format, flickr-style: the file is image_folder/filename, no cocoid."""
+def object_records(scene):
+    """The scene's objects from left to right as the JSON's "objects": {"words": [size, colour, shape] as
+    the canonical caption writes them, "box": [x0, y0, x1, y1] in fractions of the image side}."""
+    return [{"words": [obj.size, obj.colour, obj.shape], "box": list(object_box(obj, 1.0))} for obj in scene.objects]
+
+
+def _image_entry(index, split, filename, scene, sentences):
+    """One image in Karpathy's JSON format, flickr-style: the file is image_folder/filename, no cocoid; plus
+    the boxes of its objects."""
     sentids = [index * len(sentences) + k for k in range(len(sentences))]
     return {"filepath": IMAGE_FOLDER, "filename": filename, "imgid": index, "split": split, "sentids": sentids,
             "sentences": [{"tokens": tokenize(raw), "raw": raw, "imgid": index, "sentid": sentid}
-                          for raw, sentid in zip(sentences, sentids)]}
+                          for raw, sentid in zip(sentences, sentids)],
+            "objects": object_records(scene)}
 
 
 def _check_arguments(counts, seed, image_size):
@@ -170,7 +179,8 @@ def _check_arguments(counts, seed, image_size):
 
 
 def make_shapes_dataset(folder, n_train=2000, n_val=200, n_test=200, seed=0, image_size=256):
-    """Write the JPEG scenes under folder/shapes_images and their captions as folder/dataset_shapes.json.
+    """Write the JPEG scenes under folder/shapes_images and their captions as folder/dataset_shapes.json,
+    each image with its objects' words and boxes (object_records).
 
     The same seed gives the same bytes. The JSON is written last and atomically (an older one is
     removed first), so it never lists missing or half-written images. Returns the JSON's path.
@@ -187,7 +197,7 @@ def make_shapes_dataset(folder, n_train=2000, n_val=200, n_test=200, seed=0, ima
         scene, sentences = scene_at(seed, index)
         filename = f"shapes_{index:06d}.jpg"
         render_scene(scene, image_size).save(os.path.join(image_folder, filename), quality=JPEG_QUALITY)
-        images.append(_image_entry(index, split, filename, sentences))
+        images.append(_image_entry(index, split, filename, scene, sentences))
     with utils.atomic_path(json_path) as tmp, open(tmp, "w") as file:
         json.dump({"dataset": "shapes", "images": images}, file)
     return json_path

@@ -19,10 +19,11 @@ from checkpoints import load_checkpoint
 from config import add_cfg_options, pick_device, upgrade_cfg, validate_cfg, with_env_overrides  # noqa: F401 (notebooks)
 from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map, normalize_images
 from features import ensure_feature_cache
+from figures import visualize_att
 from models import build_decoder
 from training import Trainer, build_encoder, default_workers, strip_special, word_map_mismatch
 from utils import (ToolkitError, atomic_path, check_writable_file, coco_caption_metrics, course_bleu, format_metrics,
-                   results_table, run_cli, visualize_att)
+                   results_table, run_cli)
 
 
 def train(cfg):

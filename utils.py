@@ -1,13 +1,7 @@
-"""Shared helpers: user-facing errors, atomic files and disk checks, metrics, figures and tables.
-
-Figures are `matplotlib.figure.Figure` objects, never pyplot ones: they need no GUI backend, no
-global registry keeps them alive, and a notebook's backend is left alone. In a notebook run
-`%matplotlib inline` once; a returned Figure then shows as a cell's last expression.
-"""
+"""Shared helpers: user-facing errors, atomic files and disk checks, metrics and tables (figures: figures.py)."""
 import contextlib
 import errno
 import functools
-import math
 import numbers
 import os
 import re
@@ -17,17 +11,15 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
 
 import numpy as np
-from PIL import Image
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
-# torch, nltk, matplotlib and scipy take seconds to import: they are imported inside the functions
+# torch and nltk take seconds to import: they are imported inside the functions
 # that use them, so that create_input_files.py and its image-decoding worker processes, which only
 # need the errors and atomic files above, start in a fraction of a second.
 
@@ -412,188 +404,16 @@ def _error_summary(text):
     return " ".join([line.strip() for line in text.splitlines() if line.strip()][:2])
 
 
-# ---------------------------------------------------------------- figures and tables
+# ---------------------------------------------------------------- special tokens, arrays and tables
 
-PIXELS_PER_CELL = 24  # the course's 14 x 24 = 336 pixel image for a 14 x 14 attention grid
-PANELS_PER_ROW = 5
-OVERLAY_OPACITY = 0.6
-SPECIAL_WORDS = {"<start>", "<end>", "<pad>"}
+SPECIAL_WORDS = {"<start>", "<end>", "<pad>"}  # tokens of the word map that are not words of a caption
 
 
-def upsample_attention(alpha_grid, scale=PIXELS_PER_CELL, smooth=True):
-    """Upsample a (G, G) attention map to (G*scale, G*scale) pixels, cell (i, j) over pixels (i, j)*scale.
-
-    smooth: bilinear between cell centres, then a gaussian blur (sigma = scale / 3, as the course's
-    skimage `pyramid_expand(upscale=24, sigma=8)`); otherwise every cell becomes a flat block.
-    """
-    from scipy import ndimage
-
-    alpha_grid = np.asarray(alpha_grid, dtype=np.float64)
-    order = 1 if smooth else 0
-    # grid_mode: cells are areas, so the corners of the map meet the corners of the image.
-    upsampled = ndimage.zoom(alpha_grid, scale, order=order, grid_mode=True, mode="nearest")  # (G*s, G*s)
-    if smooth:
-        upsampled = ndimage.gaussian_filter(upsampled, sigma=scale / 3, mode="nearest")
-    return upsampled
-
-
-def _to_numpy(values):
+def to_numpy(values):
     """A CPU float array from a numpy array, list or (possibly CUDA, grad-tracking) torch tensor."""
     if hasattr(values, "detach"):
         values = values.detach().cpu()
     return np.asarray(values, dtype=np.float64)
-
-
-def _attention_grids(alphas):
-    """(T, P) with P = G*G, or (T, G, G) -> (T, G, G) array."""
-    alphas = _to_numpy(alphas)
-    if alphas.ndim == 2:
-        grid_size = math.isqrt(alphas.shape[1])
-        if grid_size * grid_size == alphas.shape[1]:
-            return alphas.reshape(len(alphas), grid_size, grid_size)
-    elif alphas.ndim == 3 and alphas.shape[1] == alphas.shape[2]:
-        return alphas
-    raise ToolkitError(f"attention maps of shape {tuple(alphas.shape)} cannot be drawn: pass one map per "
-                       f"generated word, shaped (words, G*G) or (words, G, G)")
-
-
-def _save_png(fig, out):
-    """Write `fig` to `out` as PNG, atomically."""
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-
-
-def visualize_att(image_path, seq, alphas, rev_word_map, smooth=True, out=None, betas=None):
-    """The course's per-word attention figure (caption.py); returns the Figure, writes a PNG if `out`.
-
-    seq: word ids from `<start>` to `<end>` included, as beam search returns them.
-    alphas: one map per generated word, i.e. per seq[1:], shaped (len(seq)-1, G*G) or (len(seq)-1, G, G);
-        `<start>` is an input, never generated, so it has no map. Panel 0 is `<start>` over the plain image;
-        panel t >= 1 is word seq[t] with map alphas[t-1] upsampled and overlaid (the course's beam search
-        stored a dummy map for `<start>`: drop it, alphas[1:]). None (no-attention decoder): the image with
-        the caption as its title.
-    betas: optional, Adaptive Attention's sentinel weight per generated word (aligned with alphas),
-        printed as `beta=0.xx` under each word's panel; 1 - beta is how much the word looks at the image.
-    """
-    words = [rev_word_map[int(word_id)] for word_id in seq]
-    if alphas is None:
-        if betas is not None:
-            raise ToolkitError("betas were given without attention maps (alphas=None); pass both or neither")
-        fig = _caption_figure(Image.open(image_path).convert("RGB"), words)
-    else:
-        grids = _attention_grids(alphas)  # (T, G, G)
-        if len(grids) != len(words) - 1:
-            raise ToolkitError(f"{len(grids)} attention maps for {len(words)} words ({' '.join(words)}): "
-                               f"expected one per word after <start>, i.e. {len(words) - 1}")
-        if betas is not None:
-            betas = _to_numpy(betas).reshape(-1)
-            if len(betas) != len(grids):
-                raise ToolkitError(f"{len(betas)} betas for {len(grids)} attention maps: pass one per map")
-        fig = _attention_figure(image_path, words, grids, smooth, betas)
-    if out is not None:
-        _save_png(fig, out)
-    return fig
-
-
-def _caption_figure(image, words):
-    """The no-attention decoder's figure: the image titled with its caption."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 5.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.imshow(image)
-    ax.set_title(" ".join(word for word in words if word not in SPECIAL_WORDS), wrap=True)
-    ax.axis("off")
-    return fig
-
-
-def _attention_figure(image_path, words, grids, smooth, betas):
-    """A grid of panels: `<start>` over the plain image, then each word over its upsampled map."""
-    from matplotlib.figure import Figure
-
-    grid_size = grids.shape[1]
-    side = grid_size * PIXELS_PER_CELL
-    image = Image.open(image_path).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
-    n_rows = math.ceil(len(words) / PANELS_PER_ROW)
-    fig = Figure(figsize=(3 * PANELS_PER_ROW, 3.3 * n_rows), layout="constrained")
-    for t, word in enumerate(words):
-        ax = fig.add_subplot(n_rows, PANELS_PER_ROW, t + 1)
-        ax.imshow(image)
-        ax.set_title(word)
-        ax.set(xticks=[], yticks=[])  # no frame, but unlike axis("off") the x label below stays visible
-        ax.spines[:].set_visible(False)
-        if t == 0:
-            continue  # <start> has no attention map
-        upsampled = upsample_attention(grids[t - 1], PIXELS_PER_CELL, smooth)  # (side, side)
-        # Scale from 0, not from the map's minimum: a uniform map stays flat instead of showing noise.
-        ax.imshow(upsampled, cmap="Greys_r", alpha=OVERLAY_OPACITY, vmin=0, vmax=upsampled.max())
-        if betas is not None:
-            ax.set_xlabel(f"beta={betas[t - 1]:.2f}")
-    return fig
-
-
-HISTORY_PANELS = [("val_loss", "loss"), ("val_top5", "top-5 accuracy"), ("val_bleu4", "BLEU-4")]
-
-
-def plot_history(runs, out=None):
-    """Validation loss, top-5 accuracy and BLEU-4 per epoch, one line per run, in three panels.
-
-    runs: {label: checkpoint path | checkpoint dict | history dict}, or a list of those (labels then
-    come from each checkpoint's cfg). The loss panel also shows `train_loss`, dashed, when present.
-    Returns the Figure; writes a PNG when `out` is given.
-    """
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    labelled = runs.items() if isinstance(runs, Mapping) else [(None, source) for source in runs]
-    fig = Figure(figsize=(15, 4.5), layout="constrained")
-    axes = fig.subplots(1, len(HISTORY_PANELS))
-    for index, (label, source) in enumerate(labelled):
-        history, cfg = _history_and_cfg(source)
-        label = label if label is not None else _run_label(cfg, index)
-        _check_history(history, label)
-        epochs = np.asarray(history["epoch"]) + 1  # history counts from 0, people from 1
-        color = f"C{index}"
-        for ax, (key, _) in zip(axes, HISTORY_PANELS):
-            ax.plot(epochs, history[key], color=color, marker="o", label=label)
-        if "train_loss" in history:
-            axes[0].plot(epochs, history["train_loss"], color=color, linestyle="--", label=f"{label} (train)")
-    for ax, (_, title) in zip(axes, HISTORY_PANELS):
-        ax.set_title(f"validation {title}")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    if out is not None:
-        _save_png(fig, out)
-    return fig
-
-
-def _history_and_cfg(source):
-    """(history, cfg or None) of a checkpoint path, a loaded checkpoint dict or a bare history dict."""
-    if isinstance(source, (str, os.PathLike)):
-        from checkpoints import load_checkpoint  # checkpoints imports this module
-
-        source = load_checkpoint(source)
-    if "history" in source:
-        return source["history"], source.get("cfg")
-    return source, None
-
-
-def _run_label(cfg, index):
-    """A legend label from a checkpoint's cfg: decoder, encoder and whether it was fine-tuned."""
-    if not cfg:
-        return f"run {index + 1}"
-    label = f"{cfg.get('decoder', '?')} / {cfg.get('encoder', '?')}"
-    return label + " fine-tuned" if cfg.get("fine_tune_encoder") else label
-
-
-def _check_history(history, label):
-    """Refuse a history that lacks a plotted key, naming the run and the key."""
-    for key in ["epoch"] + [key for key, _ in HISTORY_PANELS]:
-        if key not in history:
-            raise ToolkitError(f"the history of run {label!r} has no {key!r}; pass a checkpoint written by "
-                               f"solver.train or a dict with the keys epoch, val_loss, val_top5, val_bleu4")
 
 
 MISSING = "—"

@@ -8,7 +8,9 @@ from PIL import Image
 
 import checkpoints
 import utils
-from utils import markdown_table, plot_history, results_table, upsample_attention, visualize_att
+from figures import plot_history, upsample_attention, visualize_att
+from run_log import RunLog
+from utils import markdown_table, results_table
 
 WORD_MAP = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "a": 4, "red": 5, "circle": 6}
 REV_WORD_MAP = {index: word for word, index in WORD_MAP.items()}
@@ -147,6 +149,41 @@ def test_plot_history_names_the_missing_key():
     broken = history(2, 0.0)
     del broken["val_bleu4"]
     with pytest.raises(utils.ToolkitError, match="'demo'.*'val_bleu4'"):
+        plot_history({"demo": broken})
+
+
+def test_plot_history_reads_a_metrics_csv_and_shows_the_metrics_present(tmp_path):
+    scst = dict(history(4, 0.0), val_cider=[0.5, 0.6, 0.7, 0.8], train_reward=[0.9, 1.1])  # SCST from epoch 3
+    with RunLog(str(tmp_path), "shapes_attention") as log:
+        log.epoch(scst)
+    fig = plot_history([str(tmp_path / "shapes_attention.metrics.csv"), history(3, 0.0)])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["validation loss", "validation top-5 accuracy", "validation BLEU-4", "validation CIDEr",
+                      "SCST mean reward"]
+    cider, reward = (lines_by_label(ax) for ax in fig.axes[3:])
+    assert sorted(cider) == sorted(reward) == ["shapes_attention"]  # run 2 has neither
+    np.testing.assert_allclose(cider["shapes_attention"].get_ydata(), [0.5, 0.6, 0.7, 0.8])
+    np.testing.assert_array_equal(reward["shapes_attention"].get_xdata()[-2:], [3, 4])
+    np.testing.assert_allclose(reward["shapes_attention"].get_ydata(), [np.nan, np.nan, 0.9, 1.1])
+    assert sorted(lines_by_label(fig.axes[2])) == ["run 2", "shapes_attention"]
+
+
+def test_plot_history_draws_runs_that_share_a_label():
+    fig = plot_history([history(2, 0.0), {"cfg": None, "history": history(3, 0.1)}, history(2, 0.2)])
+    assert [line.get_label() for line in fig.axes[2].get_lines()] == ["run 1", "run 2", "run 3"]
+    same = plot_history([{"cfg": {"decoder": "rnn", "encoder": "resnet18"}, "history": history(2, offset)}
+                         for offset in (0.0, 0.1)])
+    assert len(same.axes[2].get_lines()) == 2
+
+
+def test_plot_history_without_loss_and_top5_shows_bleu_alone():
+    fig = plot_history({"scst": {"epoch": [0, 1], "val_bleu4": [0.3, 0.31]}})
+    assert [ax.get_title() for ax in fig.axes] == ["validation BLEU-4"]
+
+
+def test_plot_history_refuses_more_values_than_epochs():
+    broken = dict(history(2, 0.0), val_cider=[0.1, 0.2, 0.3])
+    with pytest.raises(utils.ToolkitError, match="'demo'.*3 values of 'val_cider' for 2 epochs"):
         plot_history({"demo": broken})
 
 

@@ -125,6 +125,34 @@ def test_rendered_pixels_show_the_captioned_objects(dataset):
         assert all(a.max() < b.min() for a, b in zip(spans, spans[1:]))
 
 
+def test_each_objects_pixels_lie_inside_its_box_and_fill_it(dataset):
+    json_path, data = dataset
+    for image in data["images"]:
+        canonical = shapes.canonical_caption(shapes.scene_at(0, image["imgid"])[0])
+        named = [tuple(obj["words"]) for obj in image["objects"]]
+        assert left_to_right(canonical) == named  # words as the canonical caption writes them
+        path = os.path.join(os.path.dirname(json_path), image["filepath"], image["filename"])
+        with Image.open(path) as picture:
+            pixels = np.asarray(picture.filter(ImageFilter.MedianFilter(3)), dtype=float)  # S x S x 3
+        rows, columns = np.nonzero(pixels.max(axis=2) - pixels.min(axis=2) > MIN_CHROMA)  # coloured pixels
+        rows, columns = rows + 0.5, columns + 0.5  # pixel centres, in pixels
+        claimed = np.zeros(len(rows), dtype=bool)
+        for (size, colour, _), obj in zip(named, image["objects"]):
+            left, top, right, bottom = np.array(obj["box"]) * IMAGE_SIZE
+            assert 0 <= left < right <= IMAGE_SIZE and 0 <= top < bottom <= IMAGE_SIZE
+            assert right - left == pytest.approx(shapes.SIZES[size] * IMAGE_SIZE)
+            # Pillow also fills the pixels on the far edges (their centres half a pixel outside): 1 px slack.
+            inside = (left - 1 <= columns) & (columns <= right + 1) & (top - 1 <= rows) & (rows <= bottom + 1)
+            assert colour_name(pixels[rows[inside].astype(int), columns[inside].astype(int)]) == colour
+            # The box is tight: the object reaches each of its sides (the median filter erodes thin tips).
+            assert columns[inside].min() - left < 3 and right - columns[inside].max() < 3
+            assert rows[inside].min() - top < 5 and bottom - rows[inside].max() < 3
+            claimed |= inside
+        assert claimed.all()  # no coloured pixel outside every box
+        lefts = [obj["box"][0] for obj in image["objects"]]
+        assert lefts == sorted(lefts)  # left to right
+
+
 def test_a_caption_naming_every_object_scores_high_and_a_blind_one_low():
     scenes, references = shapes.references_at(0, range(2200, 2400))
     fresh = shapes.fresh_bleu(scenes, references, np.random.default_rng(123))

@@ -5,6 +5,7 @@ A checkpoint is a dict of state_dicts and plain data (cfg, word map, counters, h
 atomically and read with `torch.load(..., weights_only=True)`, so loading one can never run code.
 """
 import dataclasses
+import io
 import os
 
 import torch
@@ -19,9 +20,14 @@ RESUME_KEYS = ("cfg", "word_map", "encoder_state", "decoder_state", "decoder_opt
 
 
 def save_checkpoint(state, path):
-    """Write a checkpoint dict (state_dicts and plain data only) atomically."""
-    with atomic_path(path, needed_bytes=checkpoint_bytes(state)) as tmp:
-        torch.save(dict(state, format=CHECKPOINT_FORMAT, format_version=FORMAT_VERSION), tmp)
+    """Write a checkpoint dict (state_dicts and plain data only) atomically.
+
+    It is serialised in memory first and written with one plain write, so that a full disk is an OSError
+    (which atomic_path reports) rather than an error from deep inside torch.save's zip writer."""
+    buffer = io.BytesIO()
+    torch.save(dict(state, format=CHECKPOINT_FORMAT, format_version=FORMAT_VERSION), buffer)
+    with atomic_path(path, needed_bytes=buffer.getbuffer().nbytes) as tmp, open(tmp, "wb") as file:
+        file.write(buffer.getbuffer())
 
 
 def iter_tensors(value):

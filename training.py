@@ -399,7 +399,8 @@ class Trainer:
             bleu4 = val_stats["val_bleu4"]
             print(f"\n * LOSS - {val_stats['val_loss']:.3f}, TOP-5 ACCURACY - {val_stats['val_top5']:.3f}, "
                   f"BLEU-4 - {bleu4:.4f}\n")
-            is_best = bleu4 > state["best_bleu4"]
+            first = not state["history"]["epoch"]  # the first epoch of a run is its best so far
+            is_best = bleu4 > state["best_bleu4"] or (first and bleu4 >= state["best_bleu4"])
             state["best_bleu4"] = max(bleu4, state["best_bleu4"])
             state["epochs_since_improvement"] = 0 if is_best else state["epochs_since_improvement"] + 1
             state["epoch"] = epoch

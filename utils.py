@@ -94,8 +94,6 @@ def no_space_left(error):
     """True for a write that failed because the disk (or a quota, or a file size limit) is full; h5py reports
     that as a plain OSError whose text names the errno."""
     text = str(error)
-    if isinstance(error, RuntimeError):  # torch.save's stream writer
-        return "file write failed" in text or "iostream" in text
     if not isinstance(error, OSError):
         return False
     return error.errno in NO_SPACE_ERRNOS or "No space left" in text or "File too large" in text \

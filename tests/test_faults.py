@@ -23,7 +23,7 @@ EPOCHS = 3
 def fault_cfg(data, folder, **overrides):
     """Three quick epochs of the decoder without attention; a learning rate at which val BLEU-4 rises every
     epoch, so that epoch 1 writes BEST."""
-    return tiny_cfg(data, folder, decoder="rnn", epochs=EPOCHS, decoder_lr=1e-2, **overrides)
+    return tiny_cfg(data, folder, **{"decoder": "rnn", "epochs": EPOCHS, "decoder_lr": 1e-2, **overrides})
 
 
 def run_harness(moment, signal_name, cfg):

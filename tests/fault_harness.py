@@ -14,13 +14,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
 import checkpoints  # noqa: E402
 import features  # noqa: E402
 import solver  # noqa: E402
 import training  # noqa: E402
-from utils import run_cli  # noqa: E402
+from utils import atomic_path, run_cli  # noqa: E402
 
 FAULT_EPOCH = 1
 
@@ -58,17 +56,17 @@ def inject(moment, signal_name):
             return real_validate(self, epoch)
         training.Trainer.validate = validate_then_fault
     elif moment in ("last", "best"):
-        real_save = torch.save
+        real_save = checkpoints.save_checkpoint
 
-        def save_half_then_fault(state, path, *args, **kwargs):
-            target = os.path.basename(path)
-            wanted = ".BEST_checkpoint_" if moment == "best" else ".checkpoint_"
-            if target.startswith(wanted) and isinstance(state, dict) and state.get("epoch") == FAULT_EPOCH:
-                with open(path, "wb") as file:
+        def save_half_then_fault(state, path):
+            wanted = "BEST_checkpoint_" if moment == "best" else "checkpoint_"
+            if os.path.basename(path).startswith(wanted) and state.get("epoch") == FAULT_EPOCH:
+                with atomic_path(path) as tmp, open(tmp, "wb") as file:
                     file.write(b"half a checkpoint")
-                fault(signal_name)
-            return real_save(state, path, *args, **kwargs)
-        checkpoints.torch.save = save_half_then_fault
+                    file.flush()
+                    fault(signal_name)
+            return real_save(state, path)
+        training.save_checkpoint = save_half_then_fault
 
 
 def main():

@@ -23,7 +23,7 @@ EPOCHS = 3
 def fault_cfg(data, folder, **overrides):
     """Three quick epochs of the decoder without attention; a learning rate at which val BLEU-4 rises every
     epoch, so that epoch 1 writes BEST."""
-    return tiny_cfg(data, folder, **{"decoder": "rnn", "epochs": EPOCHS, "decoder_lr": 1e-2, **overrides})
+    return tiny_cfg(data, folder, **{"decoder": "rnn", "epochs": EPOCHS, "decoder_lr": 3e-2, "batch_size": 10, **overrides})
 
 
 def run_harness(moment, signal_name, cfg):
@@ -194,7 +194,7 @@ def test_resuming_with_another_learning_rate_applies_it(tiny_shapes, one_epoch, 
     shutil.copytree(os.path.dirname(one_epoch["last_checkpoint"]), folder)
     last = str(folder / os.path.basename(one_epoch["last_checkpoint"]))
     solver.train(fault_cfg(tiny_shapes, folder, epochs=2, checkpoint=last, decoder_lr=5e-3))
-    assert "cfg['decoder_lr'] changed from 0.01 to 0.005" in capsys.readouterr().out
+    assert "cfg['decoder_lr'] changed from 0.03 to 0.005" in capsys.readouterr().out
     saved = load_checkpoint(last)
     assert saved["cfg"]["decoder_lr"] == 5e-3
     assert all(group["lr"] == 5e-3 for group in saved["decoder_optimizer"]["param_groups"])

@@ -27,6 +27,7 @@ from utils import ToolkitError
 NGRAM_ORDER = 4
 SIGMA = 6.0
 INT64_MAX = np.iinfo(np.int64).max
+COUNT_CHUNK = 2 ** 16  # sentences whose n-grams are counted at a time: bounds the padded (S, L) id arrays
 
 
 @dataclass
@@ -35,7 +36,7 @@ class NgramVectors:
     0 for unigrams) has weight `weights[k]` in sentence `rows[k]`; entries are sorted by row, then code."""
     rows: np.ndarray  # (E,) int64
     codes: np.ndarray  # (E,) int64
-    orders: np.ndarray  # (E,) int64
+    orders: np.ndarray  # (E,) int8
     weights: np.ndarray  # (E,) float64: the term frequency, then tf x idf once weighed
     lengths: np.ndarray  # (S,) int64: the length of the length penalty (number of bigrams)
     norms: np.ndarray = None  # (S, n) float64: the Euclidean norm of each order's tf-idf vector
@@ -108,7 +109,7 @@ class CiderD:
         self.base = vocab_size + 1  # digits: id + 1, so that no n-gram's code starts with a zero digit
         if self.base ** n > INT64_MAX:
             raise ToolkitError(f"a vocabulary of {vocab_size:,} words is too large for {n}-gram codes of 64 bits "
-                               f"(at most {int(INT64_MAX ** (1 / n)) - 2:,} words): raise min_word_freq")
+                               f"(at most {int(INT64_MAX ** (1 / n)) - 1:,} words): raise min_word_freq")
         self.order_starts = self.base ** np.arange(1, n, dtype=np.int64)  # the smallest code of orders 2..n
         counts, first_sentence = self.reference_counts(corpus)
         self.log_documents = np.log(float(len(corpus)))
@@ -119,6 +120,12 @@ class CiderD:
 
     def count_ngrams(self, sequences):
         """Id sequences -> their NgramVectors with term frequencies as weights (no norms yet)."""
+        parts = [self.count_chunk(sequences[start:start + COUNT_CHUNK], start)
+                 for start in range(0, max(len(sequences), 1), COUNT_CHUNK)]
+        return NgramVectors(*(np.concatenate(arrays) for arrays in zip(*parts)))
+
+    def count_chunk(self, sequences, first_row):
+        """count_ngrams of sequences numbered from first_row: (rows, codes, orders, counts, lengths)."""
         ids, lengths = padded_ids(sequences)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"word ids must lie in [0, {self.vocab_size}); got {ids.min()} .. {ids.max()} "
@@ -132,8 +139,8 @@ class CiderD:
             rows.append(np.nonzero(inside)[0])
             codes.append(code[inside])
         rows, codes, counts = sorted_runs(np.concatenate(rows), np.concatenate(codes))
-        orders = np.searchsorted(self.order_starts, codes, side="right")
-        return NgramVectors(rows, codes, orders, counts.astype(np.float64), np.maximum(lengths - 1, 0))
+        orders = np.searchsorted(self.order_starts, codes, side="right").astype(np.int8)
+        return rows + first_row, codes, orders, counts.astype(np.float64), np.maximum(lengths - 1, 0)
 
     def reference_counts(self, references):
         """A list over images of lists of id sequences -> their sentences' NgramVectors, first_sentence (I + 1,)."""
@@ -233,4 +240,5 @@ class CiderD:
         ref_weight = refs.weights[ref_entry]
         products = np.minimum(candidate.weights[candidate_entry], ref_weight) * ref_weight
         order = candidate.orders[candidate_entry]
-        return np.bincount(pair * self.n + order, products, minlength=first_pair[-1] * self.n).reshape(-1, self.n)
+        dots = np.bincount(pair * self.n + order, products, minlength=first_pair[-1] * self.n)
+        return dots.astype(np.float64, copy=False).reshape(-1, self.n)  # float even when nothing matched

@@ -9,6 +9,7 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 
 from cider import CiderD
+from utils import ToolkitError
 
 
 def random_sentence(rng, vocab, shortest=0, longest=12):
@@ -78,6 +79,7 @@ def test_hand_made_scores():
     clipped_unigram = l2 * l2 / (4 * l2 * math.sqrt(l2 ** 2 + 3 * l4 ** 2))
     assert scores[3] == pytest.approx(10 * clipped_unigram / 4, abs=1e-12)
     assert scores[4] == 0.0  # the empty caption
+    np.testing.assert_array_equal(reward.scores([[], [8]], [0, 0]), [0.0, 0.0])  # a batch without any match
 
 
 def test_document_frequencies_come_from_the_corpus_only():
@@ -104,3 +106,15 @@ def test_bad_inputs_are_named():
         reward.scores([[1], [2]], [0])
     with pytest.raises(ValueError, match="no reference"):
         reward.scores([[1]], [[]])
+
+
+def test_counting_in_chunks_changes_nothing(monkeypatch):
+    candidates, references = random_set(4)
+    whole = CiderD(references).scores(candidates, references)
+    monkeypatch.setattr("cider.COUNT_CHUNK", 7)
+    np.testing.assert_array_equal(CiderD(references).scores(candidates, references), whole)
+
+
+def test_a_vocabulary_too_large_for_the_codes_is_a_toolkit_error():
+    with pytest.raises(ToolkitError, match="raise min_word_freq"):
+        CiderD(hand_corpus(), vocab_size=60_000)

@@ -153,15 +153,20 @@ class CiderD:
         return counts, first_sentence
 
     def document_frequencies(self, counts, first_sentence):
-        """The corpus's n-grams, sorted (U,), and the number of images whose references hold each (U,)."""
+        """The corpus's n-grams held by the references of more than one image, sorted (U,), and how many
+        images each (U,). The others need no entry: log(max(1, df)) is 0 for df 1 as for df 0 (most of a
+        corpus's 3- and 4-grams: left out, they make the table several times smaller and its search faster)."""
         image_of_sentence = np.repeat(np.arange(len(first_sentence) - 1), np.diff(first_sentence))
         _, codes, _ = sorted_runs(image_of_sentence[counts.rows], counts.codes)  # one entry per (image, n-gram)
-        return np.unique(codes, return_counts=True)
+        codes, df = np.unique(codes, return_counts=True)
+        shared = df > 1
+        # A sentinel above every code (the largest is base ** n - 1): a search always lands on an entry.
+        return np.append(codes[shared], INT64_MAX), np.append(df[shared], 0)
 
     def idf(self, codes):
         """log(documents) - log(max(1, df)) of n-gram codes (E,); an n-gram absent from the corpus has df 0."""
         distinct, inverse = np.unique(codes, return_inverse=True)  # sorted queries: a faster search
-        position = np.minimum(np.searchsorted(self.df_codes, distinct), len(self.df_codes) - 1)
+        position = np.searchsorted(self.df_codes, distinct)
         df = np.where(self.df_codes[position] == distinct, self.df_counts[position], 0)
         return (self.log_documents - np.log(np.maximum(1.0, df)))[inverse]
 
@@ -206,13 +211,13 @@ class CiderD:
         # Every (candidate, reference of its image) pair, candidate after candidate: (P,) each.
         pair_sentence, pair_candidate = concatenated_ranges(reference_set.first_sentence[images],
                                                             reference_set.first_sentence[images + 1])
-        first_pair = np.concatenate([[0], np.cumsum(np.diff(reference_set.first_sentence)[images])])  # (C + 1,)
+        references_per_candidate = reference_set.first_sentence[images + 1] - reference_set.first_sentence[images]
+        first_pair = np.concatenate([[0], np.cumsum(references_per_candidate)])  # (C + 1,)
         dots = self.clipped_dots(candidate, reference_set, images, first_pair)  # (P, n)
         norms = candidate.norms[pair_candidate] * refs.norms[pair_sentence]  # (P, n)
         cosines = np.divide(dots, norms, out=dots.copy(), where=norms != 0)  # coco-caption: 0 / 0 stays 0
         delta = candidate.lengths[pair_candidate] - refs.lengths[pair_sentence]
         penalised = cosines.mean(axis=1) * np.exp(-delta ** 2 / (2 * self.sigma ** 2))  # (P,)
-        references_per_candidate = np.diff(first_pair)
         return 10.0 * np.bincount(pair_candidate, penalised, minlength=len(images)) / references_per_candidate
 
     def clipped_dots(self, candidate, reference_set, images, first_pair):

@@ -37,6 +37,9 @@ def sample_captions(decoder, encoder_out, n, start_id, end_id, max_steps=50, gre
     """
     if greedy and n != 1:
         raise ValueError(f"greedy decoding gives one caption per image, not n={n}")
+    if n < 1 or max_steps < 1:
+        raise ValueError(f"sampling needs n >= 1 captions per image and max_steps >= 1, got n={n}, "
+                         f"max_steps={max_steps}")
     encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
     memory, state = decoder.start(encoder_out)  # one memory row per image
     image = torch.arange(encoder_out.size(0), device=encoder_out.device).repeat_interleave(n)  # (B * n,)

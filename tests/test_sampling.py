@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from beam_search import beam_search
 from models import DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN
-from sampling import greedy_baseline, greedy_captions, mean_baseline, sample_captions, scst_loss
+from sampling import draw_words, greedy_baseline, greedy_captions, mean_baseline, sample_captions, scst_loss
 
 VOCAB, START, END = 12, 10, 11
 ENCODER_DIM = 8
@@ -103,6 +103,19 @@ def test_greedy_equals_beam_search_with_one_beam(name):
     assert ended.any() and not ended.all()
     for words, mask, caption in zip(greedy.words, greedy.mask, beams):
         assert [START] + words[mask].tolist() == caption.words
+
+
+def test_drawn_words_follow_the_distribution_like_multinomial():
+    probabilities = torch.tensor([0.5, 0.0, 0.2, 0.2, 0.1, 0.0])
+    rows = 200_000
+    log_probs = probabilities.log().expand(rows, -1)
+    drawn = draw_words(log_probs, torch.Generator().manual_seed(0))
+    reference = torch.multinomial(probabilities.expand(rows, -1), 1, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=6).double() / rows
+    reference_frequencies = torch.bincount(reference.squeeze(1), minlength=6).double() / rows
+    torch.testing.assert_close(frequencies, probabilities.double(), rtol=0, atol=0.005)  # 4.5 standard errors
+    torch.testing.assert_close(frequencies, reference_frequencies, rtol=0, atol=0.006)
+    assert frequencies[1] == 0 and frequencies[5] == 0  # never a word of probability 0, first or last
 
 
 def test_seeded_sampling_is_repeatable():

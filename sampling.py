@@ -2,15 +2,17 @@
 
 Both decode through the decoders' common step interface (models.py), so they work for every decoder:
     memory, state = decoder.start(encoder_out)
-    preds, state, attention = decoder.one_step(embeddings, memory, state)
-The n samples of an image are n consecutive state rows sharing the image's one memory row.
+    preds, state, attention = decoder.one_step(embeddings, memory, state, layout)
+The n samples of an image are n consecutive state rows sharing the image's one memory row; a caption
+that has ended leaves the batch, and a RowLayout then tells the decoder which image each running row
+reads (as in batched beam search).
 """
 from dataclasses import dataclass
 
 import torch
 
 from beam_search import step_log_probs
-from models import select_rows
+from models import RowLayout, select_rows
 
 
 @dataclass
@@ -42,26 +44,37 @@ def sample_captions(decoder, encoder_out, n, start_id, end_id, max_steps=50, gre
                          f"max_steps={max_steps}")
     encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
     memory, state = decoder.start(encoder_out)  # one memory row per image
-    image = torch.arange(encoder_out.size(0), device=encoder_out.device).repeat_interleave(n)  # (B * n,)
+    images, device = encoder_out.size(0), encoder_out.device
+    image = torch.arange(images, device=device).repeat_interleave(n)  # (B * n,)
     state = select_rows(state, image)
-    words = torch.full_like(image, start_id)
-    running = torch.ones_like(image, dtype=torch.bool)  # no <end> yet
+    rows = torch.arange(len(image), device=device)  # (R,): the rows still running, no <end> yet
+    layout = None  # while every row runs: n consecutive rows per memory row
+    words = torch.full_like(image, start_id)  # (R,)
     chosen_words, chosen_log_probs, masks = [], [], []  # one (B * n,) tensor per step
     for _ in range(max_steps):
-        log_probs, state, _ = step_log_probs(decoder, words, memory, state)  # (B * n, V)
-        if greedy:
-            words = log_probs.argmax(dim=1)
-        else:
-            words = draw_words(log_probs.detach(), generator)
-        word_log_probs = log_probs.gather(1, words.unsqueeze(1)).squeeze(1)  # (B * n,)
-        chosen_words.append(words.masked_fill(~running, 0))
-        chosen_log_probs.append(word_log_probs.masked_fill(~running, 0.0))
-        masks.append(running)
-        running = running & (words != end_id)
-        if not running.any():
+        log_probs, state, _ = step_log_probs(decoder, words, memory, state, layout)  # (R, V)
+        words = log_probs.argmax(dim=1) if greedy else draw_words(log_probs.detach(), generator)
+        word_log_probs = log_probs.gather(1, words.unsqueeze(1)).squeeze(1)  # (R,)
+        chosen_words.append(image.new_zeros(len(image)).index_copy(0, rows, words))
+        chosen_log_probs.append(log_probs.new_zeros(len(image)).index_copy(0, rows, word_log_probs))
+        masks.append(torch.zeros_like(image, dtype=torch.bool).index_fill(0, rows, True))
+        going = words != end_id
+        if not going.any():
             break
+        if not going.all():  # ended rows leave the batch: no later step computes them
+            rows, words, state = rows[going], words[going], select_rows(state, going)
+            layout = running_layout(image[rows], images)
     return Samples(torch.stack(chosen_words, dim=1), torch.stack(chosen_log_probs, dim=1),
                    torch.stack(masks, dim=1), image)
+
+
+def running_layout(image_of_row, images):
+    """The RowLayout of running rows (R,) given their images, sorted: each row's slot is its rank among its
+    image's running rows."""
+    counts = torch.bincount(image_of_row, minlength=images)  # (B,)
+    first_row = counts.cumsum(0) - counts  # (B,)
+    slot = torch.arange(len(image_of_row), device=image_of_row.device) - first_row[image_of_row]
+    return RowLayout(image_of_row, slot, int(counts.max()))
 
 
 def draw_words(log_probs, generator=None):

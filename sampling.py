@@ -43,7 +43,8 @@ def sample_captions(decoder, encoder_out, n, start_id, end_id, max_steps=50, gre
         raise ValueError(f"sampling needs n >= 1 captions per image and max_steps >= 1, got n={n}, "
                          f"max_steps={max_steps}")
     encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
-    memory, state = decoder.start(encoder_out)  # one memory row per image
+    image_memory, state = decoder.start(encoder_out)  # one memory row per image
+    memory = image_memory
     images, device = encoder_out.size(0), encoder_out.device
     image = torch.arange(images, device=device).repeat_interleave(n)  # (B * n,)
     state = select_rows(state, image)
@@ -63,9 +64,18 @@ def sample_captions(decoder, encoder_out, n, start_id, end_id, max_steps=50, gre
             break
         if not going.all():  # ended rows leave the batch: no later step computes them
             rows, words, state = rows[going], words[going], select_rows(state, going)
-            layout = running_layout(image[rows], images)
+            memory, layout = running_inputs(decoder, image_memory, image[rows], images)
     return Samples(torch.stack(chosen_words, dim=1), torch.stack(chosen_log_probs, dim=1),
                    torch.stack(masks, dim=1), image)
+
+
+def running_inputs(decoder, image_memory, image_of_row, images):
+    """The memory and layout one_step reads for the running rows (R,) of images `image_of_row` (sorted):
+    each image's memory row and a RowLayout, or, for a decoder that declares it handles no layout
+    (handles_layout = False), a copy of its image's memory row for each running row."""
+    if getattr(decoder, "handles_layout", True):
+        return image_memory, running_layout(image_of_row, images)
+    return select_rows(image_memory, image_of_row), None
 
 
 def running_layout(image_of_row, images):

@@ -105,6 +105,28 @@ def test_greedy_equals_beam_search_with_one_beam(name):
         assert [START] + words[mask].tolist() == caption.words
 
 
+class AttentionWithoutLayout(DecoderWithAttention):
+    """A decoder that declares it handles no RowLayout: it must only ever get one."""
+    handles_layout = False
+
+    def one_step(self, embeddings, memory, state, layout=None):
+        assert layout is None and state[0].size(0) % memory[0].size(0) == 0
+        return super().one_step(embeddings, memory, state)
+
+
+def test_a_decoder_without_layouts_gets_copies_of_the_memory_and_the_same_samples():
+    with_layout = make_decoder("attention")
+    without_layout = AttentionWithoutLayout(16, 16, 16, VOCAB, encoder_dim=ENCODER_DIM).eval()
+    without_layout.load_state_dict(with_layout.state_dict())
+    encoder_out = encodings()
+    samples = [sample_captions(decoder, encoder_out, 3, START, END, max_steps=9,
+                               generator=torch.Generator().manual_seed(0)) for decoder in (with_layout, without_layout)]
+    lengths = samples[1].mask.sum(dim=1)
+    assert lengths.min() < lengths.max()  # rows left the batch
+    assert torch.equal(samples[0].words, samples[1].words) and torch.equal(samples[0].mask, samples[1].mask)
+    torch.testing.assert_close(samples[1].log_probs, samples[0].log_probs, rtol=0, atol=1e-6)
+
+
 def test_drawn_words_follow_the_distribution_like_multinomial():
     probabilities = torch.tensor([0.5, 0.0, 0.2, 0.2, 0.1, 0.0])
     rows = 200_000

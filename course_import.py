@@ -295,6 +295,14 @@ def check_rnn_start(state, encoder_dim, grid, path):
 
 # ---------------------------------------------------------------- the toolkit's checkpoint
 
+def uninitialised(build):
+    """The model `build()` makes, its tensors allocated but not initialised (ResNet-101's random init takes
+    seconds): for a model that load_state_dict(strict=True) fills entirely (no non-persistent buffers)."""
+    with torch.device("meta"):
+        model = build()
+    return model.to_empty(device="cpu")
+
+
 def image_size_of(data_folder, data_name):
     """Side of the images in the data folder's first IMAGES file (TEST, VAL, TRAIN); 256 without any."""
     for split in ("TEST", "VAL", "TRAIN"):
@@ -365,7 +373,7 @@ def import_course_checkpoint(path, data_folder, data_name, out=None, trust_pickl
     if kind == "rnn":
         check_rnn_start(course.decoder_state, COURSE_ENCODER_DIM, grid, path)
     decoder.load_state_dict(map_state(course.decoder_state, DECODER_RENAMES, decoder, path, "decoder"), strict=True)
-    encoder = build_encoder(cfg, weights=None)
+    encoder = uninitialised(lambda: build_encoder(cfg, weights=None))
     encoder.load_state_dict(map_state(course.encoder_state, ENCODER_RENAMES, encoder, path, "encoder"), strict=True)
     checkpoint = {"cfg": cfg, "word_map": word_map, "image_size": image_size_of(data_folder, data_name),
                   "encoder_state": encoder.state_dict(), "decoder_state": decoder.state_dict(),

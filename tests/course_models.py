@@ -161,12 +161,11 @@ def randomize_batchnorm_statistics(module, generator):
 
 
 @torch.no_grad()
-def course_beam_search(encoder, decoder, image, start_id, end_id, beam_size, max_steps):
-    """Beam search for one uint8 image (3, S, S) on the course's modules: k beams, the first step from one
-    beam, a beam that emits <end> is complete and k shrinks; the best complete caption (the earliest on a
+def course_beam_search(decoder, encoder_out, start_id, end_id, beam_size, max_steps):
+    """Beam search for one image's (1, G, G, C) encoding on the course's decoder: k beams, the first step from
+    one beam, a beam that emits <end> is complete and k shrinks; the best complete caption (the earliest on a
     tie), or the best running beam after max_steps. Returns the word ids from <start> on."""
     k = beam_size
-    encoder_out = encoder(COURSE_NORMALIZE(image.float() / 255.0).unsqueeze(0))  # (1, G, G, C)
     attention = isinstance(decoder, DecoderWithAttention)
     if attention:
         encoder_out = encoder_out.reshape(1, -1, encoder_out.size(-1)).expand(k, -1, -1)  # (k, P, C)

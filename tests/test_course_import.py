@@ -1,6 +1,5 @@
 """Importing the course's checkpoints: pickled whole modules (trusted only) and state_dicts exports, mapped
 onto this toolkit's models, captioning exactly like the course's modules on the same images."""
-import copy
 import json
 import os
 
@@ -11,7 +10,8 @@ from torch import nn
 import course_import
 import solver
 from course_import import import_course_checkpoint
-from course_models import (DecoderWithAttention, DecoderWithRNN, Encoder, course_beam_search,
+from beam_search import beam_search
+from course_models import (COURSE_NORMALIZE, DecoderWithAttention, DecoderWithRNN, Encoder, course_beam_search,
                            randomize_batchnorm_statistics, save_course_checkpoint)
 from datasets import ImageCaptionsDataset, load_word_map
 from utils import ToolkitError, load_checkpoint
@@ -24,8 +24,9 @@ TRAINER_KEYS = {"cfg", "word_map", "image_size", "encoder_state", "decoder_state
 
 @pytest.fixture(scope="module")
 def course(tiny_shapes):
-    """The course's modules with random weights: a 2 x 2 grid encoder with an attention decoder, and the same
-    trunk at a 1 x 1 grid with a decoder without attention (course cfg: embed_dim = decoder_dim)."""
+    """The course's modules with random weights: a 2 x 2 grid encoder with an attention decoder, and a decoder
+    without attention for the same trunk at a 1 x 1 grid (course cfg: embed_dim = decoder_dim); and the TEST
+    images' encodings at both grids."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     vocab_size = len(load_word_map(tiny_shapes.folder, tiny_shapes.data_name))
@@ -33,13 +34,17 @@ def course(tiny_shapes):
     attention = DecoderWithAttention(dict(DIMS, vocab_size=vocab_size))
     rnn = DecoderWithRNN(dict(DIMS, vocab_size=vocab_size, embed_dim=DIMS["decoder_dim"]), encoder_dim=2048)
     randomize_batchnorm_statistics(encoder, generator)
-    randomize_batchnorm_statistics(rnn, generator)
-    grid1_encoder = copy.deepcopy(encoder)
-    grid1_encoder.enc_image_size = 1
-    grid1_encoder.adaptive_pool = nn.AdaptiveAvgPool2d((1, 1))
-    for module in (encoder, grid1_encoder, attention, rnn):
+    for module in (encoder, attention, rnn):
         module.eval()
-    return {"encoder": encoder, "attention": attention, "grid1_encoder": grid1_encoder, "rnn": rnn}
+    with torch.no_grad():  # one trunk pass; the course's adaptive pools to 2 x 2 (as encoder) and 1 x 1
+        features = encoder.resnet(COURSE_NORMALIZE(split_images(tiny_shapes).float() / 255.0))  # (N, 2048, 2, 2)
+        encodings = encoder.adaptive_pool(features).permute(0, 2, 3, 1)  # (N, 2, 2, 2048), as encoder(images)
+        grid1_encodings = nn.AdaptiveAvgPool2d((1, 1))(features).permute(0, 2, 3, 1)  # (N, 1, 1, 2048)
+        image_inputs = rnn.init(grid1_encodings.reshape(len(features), -1))
+        rnn.bn.running_mean.copy_(image_inputs.mean(dim=0))  # as training would leave them: captions then differ
+        rnn.bn.running_var.copy_(image_inputs.var(dim=0))
+    return {"encoder": encoder, "attention": attention, "rnn": rnn, "encodings": encodings,
+            "grid1_encodings": grid1_encodings}
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +80,24 @@ def sentences(word_ids, word_map):
     return " ".join(words[index] for index in solver.strip_special(word_ids, word_map))
 
 
-def course_captions(encoder, decoder, data, beam_size):
-    word_map = load_word_map(data.folder, data.data_name)
-    return [sentences(course_beam_search(encoder, decoder, image, word_map["<start>"], word_map["<end>"], beam_size,
-                                         MAX_STEPS), word_map) for image in split_images(data)]
+def course_captions(decoder, encodings, word_map, beam_size):
+    """The course's beam search on each image's (G, G, C) encoding -> caption strings."""
+    return [sentences(course_beam_search(decoder, encoding.unsqueeze(0), word_map["<start>"], word_map["<end>"],
+                                         beam_size, MAX_STEPS), word_map) for encoding in encodings]
+
+
+def assert_same_captions(checkpoint, course_decoder, encodings):
+    """This toolkit's beam search with the imported decoder, and the course's with its own, on the same
+    encodings: the same captions, at beam sizes 1 and 3."""
+    word_map = checkpoint["word_map"]
+    decoder = solver.build_decoder(checkpoint["cfg"], len(word_map), encodings.size(-1))
+    decoder.load_state_dict(checkpoint["decoder_state"])
+    decoder.eval()
+    for beam_size in (1, 3):
+        captions = beam_search(decoder, encodings, word_map["<start>"], word_map["<end>"], beam_size, MAX_STEPS)
+        expected = course_captions(course_decoder, encodings, word_map, beam_size)
+        assert [sentences(caption.words, word_map) for caption in captions] == expected
+        assert len(set(expected)) > 1
 
 
 def test_pickled_checkpoint_is_refused_without_trust(pickled_attention, tiny_shapes):
@@ -108,29 +127,26 @@ def test_trusted_pickle_imports_and_captions_like_the_course(pickled_attention, 
                        course["attention"].attention.att.weight.detach())
     assert torch.equal(checkpoint["encoder_state"]["trunk.7.2.bn3.running_var"],
                        course["encoder"].resnet[7][2].bn3.running_var)
-    for beam_size in (1, 3):
-        predictions = tmp_path / f"predictions_{beam_size}.json"
-        solver.test(out, beam_size=beam_size, predictions_json=str(predictions), max_steps=MAX_STEPS, device="cpu",
-                    coco_metrics=False, workers=0)
-        toolkit = [entry["caption"] for entry in json.loads(predictions.read_text())]
-        expected = course_captions(course["encoder"], course["attention"], tiny_shapes, beam_size)
-        assert toolkit == expected
-        assert len(set(expected)) > 1 and all(expected)  # the images get different, non-empty captions
+    predictions = tmp_path / "predictions.json"
+    solver.test(out, beam_size=3, predictions_json=str(predictions), max_steps=MAX_STEPS, device="cpu",
+                coco_metrics=False, workers=0)
+    expected = course_captions(course["attention"], course["encodings"], checkpoint["word_map"], 3)
+    assert [entry["caption"] for entry in json.loads(predictions.read_text())] == expected
+    assert len(set(expected)) > 1 and all(expected)  # the images get different, non-empty captions
+    assert_same_captions(checkpoint, course["attention"], course["encodings"])
 
 
 def test_state_dicts_export_imports_without_pickle(course, tiny_shapes, tmp_path, monkeypatch):
-    path = export_state_dicts(tmp_path / "course_state_dicts.pth", course["grid1_encoder"], course["rnn"])
+    path = export_state_dicts(tmp_path / "course_state_dicts.pth", course["encoder"], course["rnn"],
+                              encoded_image_size=1)
     monkeypatch.setattr(course_import, "load_pickled", lambda path: pytest.fail("the export was unpickled"))
     out = import_course_checkpoint(path, tiny_shapes.folder, tiny_shapes.data_name, out=tmp_path / "rnn.pth.tar")
-    checkpoint, encoder, decoder = solver.load_for_inference(out, "cpu")
+    checkpoint = load_checkpoint(out)
     cfg = checkpoint["cfg"]
     assert (cfg["decoder"], cfg["encoded_image_size"], cfg["embed_dim"], cfg["decoder_dim"]) == ("rnn", 1, 24, 24)
     assert torch.equal(checkpoint["decoder_state"]["bn.running_mean"], course["rnn"].bn.running_mean)
-    word_map = checkpoint["word_map"]
-    for beam_size in (1, 3):
-        captions = solver.decode_batch(encoder, decoder, split_images(tiny_shapes), word_map, beam_size, MAX_STEPS)
-        toolkit = [sentences(caption.words, word_map) for caption in captions]
-        assert toolkit == course_captions(course["grid1_encoder"], course["rnn"], tiny_shapes, beam_size)
+    assert torch.equal(checkpoint["encoder_state"]["trunk.0.weight"], course["encoder"].resnet[0].weight.detach())
+    assert_same_captions(checkpoint, course["rnn"], course["grid1_encodings"])
 
 
 def test_decoder_without_attention_on_a_flattened_grid_is_refused(course, tiny_shapes, tmp_path):

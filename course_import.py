@@ -164,9 +164,9 @@ def read_course_file(path, trust_pickle=False):
 def load_pickled(path):
     try:
         return torch.load(path, map_location="cpu", pickle_module=_course_pickle_module(), weights_only=False)
-    except pickle.UnpicklingError as error:
-        raise ToolkitError(f"{path!r} is not a checkpoint of the course's train.py: {error}; if it is one, "
-                           f"{export_instructions(path)}") from None
+    except Exception as error:  # a refused global, or objects that do not unpickle in this torch
+        raise ToolkitError(f"{path!r} cannot be read as a checkpoint of the course's train.py "
+                           f"({type(error).__name__}: {error}); if it is one, {export_instructions(path)}") from None
 
 
 def check_course_keys(checkpoint, path, kind):

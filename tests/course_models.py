@@ -67,6 +67,8 @@ class DecoderWithRNN(nn.Module):
 
 
 class Attention(nn.Module):
+    """The course's attention; its layer names are this toolkit's (models.Attention), which the import relies on."""
+
     def __init__(self, encoder_dim, decoder_dim, attention_dim):
         super().__init__()
         self.encoder_att = nn.Linear(encoder_dim, attention_dim)

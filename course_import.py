@@ -369,9 +369,9 @@ def import_course_checkpoint(path, data_folder, data_name, out=None, trust_pickl
                            f"and data name the course trained on")
     grid = pick_encoded_image_size(course, encoded_image_size, path)
     cfg = toolkit_cfg(course, kind, dims, data_folder, data_name, grid)
-    decoder = build_decoder(cfg, vocab_size, COURSE_ENCODER_DIM)
     if kind == "rnn":
         check_rnn_start(course.decoder_state, COURSE_ENCODER_DIM, grid, path)
+    decoder = build_decoder(cfg, vocab_size, COURSE_ENCODER_DIM)
     decoder.load_state_dict(map_state(course.decoder_state, DECODER_RENAMES, decoder, path, "decoder"), strict=True)
     encoder = uninitialised(lambda: build_encoder(cfg, weights=None))
     encoder.load_state_dict(map_state(course.encoder_state, ENCODER_RENAMES, encoder, path, "encoder"), strict=True)

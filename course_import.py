@@ -10,7 +10,7 @@ optimisers pickled. Such a file is read here in one of two ways:
 
 Every parameter and buffer is then mapped by name and shape onto this toolkit's Encoder ("resnet101")
 and DecoderWithAttention or DecoderWithRNN, loaded with strict=True, and written with
-utils.save_checkpoint in the format solver.Trainer.save writes, so that test, caption, compare and a
+checkpoints.save_checkpoint in the format training.Trainer.save writes, so that test, caption, compare and a
 resume (cfg['checkpoint']) accept it. The optimiser states are not imported.
 """
 import functools
@@ -25,8 +25,11 @@ import torch
 from torch import nn
 
 from datasets import data_paths, load_word_map
-from solver import build_decoder, build_encoder, default_cfg, empty_history, validate_cfg
-from utils import CHECKPOINT_FORMAT, ToolkitError, save_checkpoint
+from checkpoints import CHECKPOINT_FORMAT, save_checkpoint
+from config import default_cfg, validate_cfg
+from models import build_decoder
+from training import build_encoder, empty_history
+from utils import ToolkitError
 
 COURSE_BACKBONE = "resnet101"
 COURSE_ENCODER_DIM = 2048  # channels of the ResNet-101 trunk

@@ -8,13 +8,17 @@ import torch
 from torch import nn
 
 import course_import
+import config
+import models
 import solver
+import training
 from course_import import import_course_checkpoint
 from beam_search import beam_search
 from course_models import (COURSE_NORMALIZE, DecoderWithAttention, DecoderWithRNN, Encoder, course_beam_search,
                            randomize_batchnorm_statistics, save_course_checkpoint)
 from datasets import ImageCaptionsDataset, load_word_map
-from utils import ToolkitError, load_checkpoint
+from checkpoints import load_checkpoint
+from utils import ToolkitError
 
 DIMS = {"embed_dim": 16, "attention_dim": 12, "decoder_dim": 24, "dropout": 0.3, "device": torch.device("cpu")}
 MAX_STEPS = 12
@@ -77,7 +81,7 @@ def split_images(data):
 
 def sentences(word_ids, word_map):
     words = {index: word for word, index in word_map.items()}
-    return " ".join(words[index] for index in solver.strip_special(word_ids, word_map))
+    return " ".join(words[index] for index in training.strip_special(word_ids, word_map))
 
 
 def course_captions(decoder, encodings, word_map, beam_size):
@@ -90,7 +94,7 @@ def assert_same_captions(checkpoint, course_decoder, encodings):
     """This toolkit's beam search with the imported decoder, and the course's with its own, on the same
     encodings: the same captions, at beam sizes 1 and 3."""
     word_map = checkpoint["word_map"]
-    decoder = solver.build_decoder(checkpoint["cfg"], len(word_map), encodings.size(-1))
+    decoder = models.build_decoder(checkpoint["cfg"], len(word_map), encodings.size(-1))
     decoder.load_state_dict(checkpoint["decoder_state"])
     decoder.eval()
     for beam_size in (1, 3):
@@ -116,12 +120,12 @@ def test_trusted_pickle_imports_and_captions_like_the_course(pickled_attention, 
     checkpoint = torch.load(out, map_location="cpu", weights_only=True)
     assert set(checkpoint) == TRAINER_KEYS and load_checkpoint(out).keys() == checkpoint.keys()
     cfg = checkpoint["cfg"]
-    assert cfg.keys() == solver.default_cfg().keys()
+    assert cfg.keys() == config.default_cfg().keys()
     assert (cfg["decoder"], cfg["attention"], cfg["encoder"], cfg["encoded_image_size"]) == ("attention", True,
                                                                                              "resnet101", 2)
     assert (cfg["embed_dim"], cfg["attention_dim"], cfg["decoder_dim"], cfg["dropout"]) == (16, 12, 24, 0.3)
     assert (checkpoint["epoch"], checkpoint["epochs_since_improvement"], checkpoint["best_bleu4"]) == (6, 2, 0.2792)
-    assert checkpoint["decoder_optimizer"] is None and checkpoint["history"] == solver.empty_history()
+    assert checkpoint["decoder_optimizer"] is None and checkpoint["history"] == training.empty_history()
     assert checkpoint["image_size"] == 64
     assert torch.equal(checkpoint["decoder_state"]["attention.att.weight"],
                        course["attention"].attention.att.weight.detach())

@@ -122,7 +122,7 @@ class RunPaths:
 
 
 def run_name(cfg):
-    """cfg['run_name'], or <data_name>_<decoder>_<encoder>[_finetune][_scst]."""
+    """cfg['run_name'], or <data_name>_<decoder>_<encoder>[_finetune]."""
     if cfg["run_name"]:
         return cfg["run_name"]
     parts = [cfg["data_name"], cfg["decoder"], cfg["encoder"]] + (["finetune"] if cfg["fine_tune_encoder"] else [])

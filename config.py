@@ -15,6 +15,7 @@ from models import DECODERS
 from utils import ToolkitError
 
 NONE = type(None)
+DEFAULT_WARMUP_STEPS = 20000  # self-critical.pytorch's Noam warm-up for its Transformer
 
 # key -> (default, allowed types, meaning). The course's keys (its section 2.2) first, then the toolkit's.
 CFG_SCHEMA = {
@@ -59,16 +60,28 @@ CFG_SCHEMA = {
     "deterministic": (False, (bool,), "deterministic kernels (bitwise-repeatable runs and resumes; slower)"),
     "mixed_precision": (None, (bool, NONE), "bf16/fp16 autocast; None: on for CUDA, off on CPU"),
     "channels_last": (None, (bool, NONE), "channels_last encoder; None: on for CUDA, off on CPU"),
+    "lr_warmup_steps": (None, (int, NONE), "linear learning-rate warm-up over this many steps; None: 20000 for "
+                                           "decoders that need one (transformer), 0 for the others"),
+    # The second stage: self-critical sequence training (Rennie et al. 2017) with a CIDEr-D reward
+    "training": ("xe", (str,), "xe (cross-entropy, teacher forcing) or scst (self-critical, CIDEr-D reward)"),
+    "scst_samples": (5, (int,), "captions sampled per image in an SCST step"),
+    "scst_baseline": ("mean", (str,), "SCST baseline: mean (of the image's other samples) or greedy"),
+    "scst_lr": (2e-5, (float, int), "decoder learning rate of the SCST stage (self-critical.pytorch's 2e-5: "
+                                    "small policy-gradient steps keep the XE model from falling apart)"),
+    "val_metric": (None, (str, NONE), "bleu4 (teacher-forced, the course's) or cider (greedy decoding); "
+                                      "None: bleu4 for xe, cider for scst"),
+    "max_steps": (50, (int,), "longest caption that SCST sampling and greedy validation decode"),
 }
 REQUIRED_KEYS = ("data_folder", "data_name")
 # Keys that define the networks: a resumed run must agree with its checkpoint on them.
 MODEL_KEYS = ("decoder", "encoder", "encoded_image_size", "embed_dim", "attention_dim", "decoder_dim")
 # Keys whose value is one of a few words.
-CHOICES = {"decoder": tuple(DECODERS)}
+CHOICES = {"decoder": tuple(DECODERS), "training": ("xe", "scst"), "scst_baseline": ("mean", "greedy"),
+           "val_metric": ("bleu4", "cider")}
 POSITIVE_INTS = ("epochs", "batch_size", "encoded_image_size", "embed_dim", "attention_dim", "decoder_dim",
-                 "lr_decay_patience", "early_stop_patience")
-NON_NEGATIVE_INTS = ("start_epoch", "epochs_since_improvement", "print_freq", "workers")
-POSITIVE_RATES = ("encoder_lr", "decoder_lr")
+                 "lr_decay_patience", "early_stop_patience", "scst_samples", "max_steps")
+NON_NEGATIVE_INTS = ("start_epoch", "epochs_since_improvement", "print_freq", "workers", "lr_warmup_steps")
+POSITIVE_RATES = ("encoder_lr", "decoder_lr", "scst_lr")
 
 
 def default_cfg():
@@ -92,6 +105,10 @@ def validate_cfg(cfg):
     full["decoder"] = resolve_decoder(cfg)
     full["attention"] = full["decoder"] != "rnn"
     full["device"] = str(pick_device(full["device"]))
+    if full["val_metric"] is None:
+        full["val_metric"] = "cider" if full["training"] == "scst" else "bleu4"
+    if full["lr_warmup_steps"] is None:
+        full["lr_warmup_steps"] = DEFAULT_WARMUP_STEPS if DECODERS[full["decoder"]].lr_warmup else 0
     check_values(full)
     return full
 
@@ -130,6 +147,11 @@ def check_values(cfg):
         refuse("lr_decay_factor", "must be in (0, 1]")
     if not 0 <= cfg["dropout"] < 1:
         refuse("dropout", "must be in [0, 1)")
+    if cfg["training"] == "scst" and cfg["scst_baseline"] == "mean" and cfg["scst_samples"] < 2:
+        refuse("scst_samples", "must be at least 2 with scst_baseline 'mean' (the baseline of a sample is the mean "
+                               "of the image's other samples)")
+    if (cfg["training"] == "scst" or cfg["val_metric"] == "cider") and not cfg["group_captions"]:
+        refuse("group_captions", "must be True for SCST and for val_metric 'cider' (they decode per image)")
     if cfg["checkpoint"] is None and cfg["start_epoch"] >= cfg["epochs"]:
         refuse("start_epoch", f"leaves nothing to train: epochs = {cfg['epochs']}; raise epochs or lower start_epoch")
 
@@ -195,7 +217,10 @@ def upgrade_cfg(saved, source):
 # ---------------------------------------------------------------- command line
 
 def add_cfg_options(parser):
-    """One option per cfg key, dashes for underscores; booleans as --key/--no-key."""
+    """One option per cfg key, dashes for underscores; booleans as --key/--no-key; --self-critical for
+    --training scst."""
+    parser.add_argument("--self-critical", dest="training", action="store_const", const="scst",
+                        default=argparse.SUPPRESS, help="the SCST stage: same as --training scst")
     for key, (default, types, meaning) in CFG_SCHEMA.items():
         option = "--" + key.replace("_", "-")
         if bool in types:

@@ -22,11 +22,13 @@ from config import CFG_SCHEMA, MODEL_KEYS, default_cfg, upgrade_cfg
 from datasets import CaptionDataset, ImageCaptionsDataset, check_data_files, load_word_map, normalize_images
 from features import ensure_feature_cache
 from models import Encoder, build_decoder
-from training_steps import STAGES, TeacherForced, top5_accuracy
+from cider import CiderD
+from run_log import RunLog
+from sampling import greedy_captions
+from training_steps import STAGES, TeacherForced, encoded_references, top5_accuracy
 from utils import ToolkitError, check_free_space, check_writable_folder, course_bleu, remove_stale_temp_files
 
 SPECIAL_WORDS = ("<start>", "<end>", "<pad>")
-HISTORY_KEYS = ("epoch", "train_loss", "train_top5", "val_loss", "val_top5", "val_bleu4", "lr", "seconds")
 RESUME_OPTION_SKIP = ("checkpoint", "overwrite")  # not repeated in the printed resume command
 
 
@@ -45,6 +47,8 @@ def scale_learning_rate(optimizer, factor):
         return
     for group in optimizer.param_groups:
         group["lr"] *= factor
+        if "target_lr" in group:  # the value a warm-up rises to
+            group["target_lr"] *= factor
     print(f"The new learning rate is {optimizer.param_groups[0]['lr']:.6g}")
 
 
@@ -59,7 +63,21 @@ def default_workers(cfg):
 
 
 def empty_history():
-    return {key: [] for key in HISTORY_KEYS}
+    """The history of a run before its first epoch; each epoch appends to every metric it computed."""
+    return {"epoch": []}
+
+
+class WithImageIndex(torch.utils.data.Dataset):
+    """A dataset whose items end with their own index (SCST looks up each image's references by it)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return (*self.dataset[index], index)
 
 
 class Average:
@@ -86,8 +104,15 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         check_data_files(cfg["data_folder"], cfg["data_name"], ("TRAIN", "VAL"))
         self.word_map = load_word_map(cfg["data_folder"], cfg["data_name"])
+        if cfg["training"] == "scst" and not cfg["checkpoint"]:
+            raise ToolkitError("SCST is the second stage: it starts from a model trained with cross-entropy; pass its "
+                               "checkpoint (cfg['checkpoint'], --checkpoint BEST_checkpoint_<run>.pth.tar)")
         resume = self.load_resume() if cfg["checkpoint"] else None
-        self.paths = RunPaths(run_name(cfg), cfg["output_folder"])
+        self.from_weights = resume is not None and resume["cfg"]["training"] != cfg["training"]
+        if self.from_weights:
+            resume = self.start_from_weights(resume)
+        cfg["run_name"] = self.resolve_run_name(resume)
+        self.paths = RunPaths(cfg["run_name"], cfg["output_folder"])
         check_writable_folder(cfg["output_folder"], "cfg['output_folder'] (--output-folder)")
         self.lock = RunLock(self.paths.lock).acquire()
         try:
@@ -99,7 +124,7 @@ class Trainer:
     def set_up(self, resume):
         """Models, optimisers and data of the run, once the checks passed and the lock is held."""
         cfg = self.cfg
-        if resume is None:
+        if resume is None or self.from_weights:
             self.refuse_to_overwrite()
         else:
             self.refuse_to_rewind(resume)
@@ -114,8 +139,9 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.mixed_precision and self.amp_dtype == torch.float16)
         self.state = {"epoch": cfg["start_epoch"] - 1, "best_bleu4": float(cfg["best_bleu4"]),
+                      "best_score": float(cfg["best_bleu4"]) if cfg["val_metric"] == "bleu4" else 0.0,
                       "epochs_since_improvement": cfg["epochs_since_improvement"], "history": empty_history(),
-                      "reference_loss": None}
+                      "reference_loss": None, "step": 0}
         if resume is not None:
             self.encoder.load_state_dict(resume["encoder_state"])
             self.decoder.load_state_dict(resume["decoder_state"])
@@ -125,15 +151,22 @@ class Trainer:
         if self.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
         # Optimisers after the move: their state must live on the parameters' device.
-        self.decoder_optimizer = make_optimizer(self.decoder.parameters(), cfg["decoder_lr"])
+        self.decoder_optimizer = make_optimizer(self.decoder.parameters(), cfg[self.decoder_lr_key])
         self.encoder_optimizer = (make_optimizer(self.encoder.parameters(), cfg["encoder_lr"])
                                   if cfg["fine_tune_encoder"] else None)
-        if resume is not None:
+        if resume is not None and not self.from_weights:
             self.restore(resume)
         self.check_space_for_checkpoints()
-        self.stage = STAGES[cfg.get("training", "xe")](self)
+        self.stage = STAGES[cfg["training"]](self)
         self.image_size = None
         self.make_loaders()
+        self.val_cider = None  # CIDEr-D over the VAL references, made when first needed
+        self.log = RunLog(cfg["output_folder"], self.paths.name)
+
+    @property
+    def decoder_lr_key(self):
+        """The cfg key of the decoder's learning rate in this stage."""
+        return "scst_lr" if self.cfg["training"] == "scst" else "decoder_lr"
 
     @property
     def decoder_module(self):
@@ -158,11 +191,33 @@ class Trainer:
         if checkpoint.get("encoder_optimizer") is not None and not self.cfg["fine_tune_encoder"]:
             print("note: the checkpoint fine-tunes its encoder, so fine-tuning goes on (fine_tune_encoder = True)")
             self.cfg["fine_tune_encoder"] = True
-        if checkpoint["epoch"] + 1 >= self.cfg["epochs"]:
+        if saved["training"] == self.cfg["training"] and checkpoint["epoch"] + 1 >= self.cfg["epochs"]:
             raise ToolkitError(f"checkpoint {path!r} has trained epochs 0 to {checkpoint['epoch']} and cfg['epochs'] "
                                f"= {self.cfg['epochs']}: nothing is left to train; raise epochs (--epochs) to "
                                f"train on")
         return checkpoint
+
+    def start_from_weights(self, checkpoint):
+        """The next stage starts a new run from another stage's weights (SCST from XE): only the weights are
+        taken; the earlier run's checkpoints are never written to."""
+        if checkpoint["cfg"]["training"] != "xe" or self.cfg["training"] != "scst":
+            raise ToolkitError(f"checkpoint {self.cfg['checkpoint']!r} was trained with training = "
+                               f"{checkpoint['cfg']['training']!r}; it can resume a {checkpoint['cfg']['training']!r} "
+                               f"run or start an 'scst' run from an 'xe' one, not a {self.cfg['training']!r} run")
+        print(f"Starting the SCST stage from the weights of {self.cfg['checkpoint']!r} (epoch {checkpoint['epoch']} "
+              f"of its cross-entropy run, which is left as it is)")
+        return checkpoint
+
+    def resolve_run_name(self, resume):
+        """cfg['run_name']; else a resumed run's own name; else <data>_<decoder>_<encoder>[_finetune], with
+        _scst after the name of the cross-entropy run an SCST run starts from."""
+        if self.cfg["run_name"]:
+            return self.cfg["run_name"]
+        if resume is None:
+            return run_name(self.cfg)
+        saved = resume["cfg"]
+        name = saved["run_name"] or run_name(dict(saved, fine_tune_encoder=self.cfg["fine_tune_encoder"]))
+        return f"{name}_scst" if self.from_weights else name
 
     def refuse_to_overwrite(self):
         """A fresh run must not silently replace the checkpoints of an earlier run of the same name."""
@@ -189,7 +244,7 @@ class Trainer:
     def repair_best(self, resume):
         """When the resumed checkpoint's own epoch is the best of its history but BEST holds another epoch (a kill
         while BEST was written by an earlier version, which wrote it after the last checkpoint), rewrite BEST."""
-        scores = resume["history"].get("val_bleu4", [])
+        scores = resume["history"].get(f"val_{self.cfg['val_metric']}", [])
         if not scores or resume["history"]["epoch"][scores.index(max(scores))] != resume["epoch"]:
             return
         best = self.paths.best
@@ -214,13 +269,15 @@ class Trainer:
             print("note: the checkpoint holds no optimiser state (an imported model): the optimisers start afresh")
         else:
             self.decoder_optimizer.load_state_dict(checkpoint["decoder_optimizer"])
-            self.apply_new_rate(self.decoder_optimizer, "decoder_lr", checkpoint["cfg"])
+            self.apply_new_rate(self.decoder_optimizer, self.decoder_lr_key, checkpoint["cfg"])
         if checkpoint.get("encoder_optimizer") is not None:
             self.encoder_optimizer.load_state_dict(checkpoint["encoder_optimizer"])
             self.apply_new_rate(self.encoder_optimizer, "encoder_lr", checkpoint["cfg"])
         self.state.update({key: checkpoint[key] for key in ("epoch", "epochs_since_improvement", "history")})
         self.state["best_bleu4"] = checkpoint.get("best_bleu4", 0.0)
+        self.state["best_score"] = checkpoint.get("best_score", self.state["best_bleu4"])  # format 1: BLEU-4
         self.state["reference_loss"] = checkpoint.get("reference_loss")
+        self.state["step"] = checkpoint.get("step", 0)
         print(f"Resuming from {self.cfg['checkpoint']!r} after epoch {checkpoint['epoch']}")
 
     def apply_new_rate(self, optimizer, key, saved_cfg):
@@ -264,6 +321,9 @@ class Trainer:
         # is the same whether the process started with it (a resume) or not.
         self.shuffle = torch.Generator()
         sampler = torch.utils.data.RandomSampler(train, generator=self.shuffle)
+        self.val_dataset = val
+        if getattr(self.stage, "needs_image_index", False):
+            train = WithImageIndex(train)
         worker_seeds = torch.Generator().manual_seed(cfg["seed"])
         self.train_loader = torch.utils.data.DataLoader(train, batch_size=batch, sampler=sampler, drop_last=drop_last,
                                                         generator=worker_seeds, **options)
@@ -311,8 +371,21 @@ class Trainer:
         """The stage's loss of one batch, checked, then one optimiser step; returns its statistics."""
         loss, stats = self.stage.loss(batch)
         check_finite(loss.item(), f"the training loss at {where}", self.paths.last)
+        self.warm_up()
         self.step(loss)
+        self.state["step"] += 1
+        self.log.step(self.state["step"], {f"train/{key}": value for key, (value, _) in stats.items()})
         return stats
+
+    def warm_up(self):
+        """During the first cfg['lr_warmup_steps'] steps the learning rates rise linearly to their values."""
+        steps, step = self.cfg["lr_warmup_steps"], self.state["step"]
+        if step >= steps:
+            return
+        for optimizer in (self.decoder_optimizer, self.encoder_optimizer):
+            for group in optimizer.param_groups if optimizer is not None else ():
+                group.setdefault("target_lr", group["lr"])
+                group["lr"] = group["target_lr"] * min(1.0, (step + 1) / steps)
 
     # ------------------------------------------------------------ epochs
 
@@ -357,6 +430,24 @@ class Trainer:
         return {"val_loss": losses.avg, "val_top5": top5.avg,
                 "val_bleu4": course_bleu(references, hypotheses)["bleu4"]}
 
+    @torch.no_grad()
+    def validate_by_decoding(self, epoch):
+        """CIDEr-D of the greedy captions of every val image against its references (document frequencies
+        of the VAL references, as coco-caption computes them for a test split)."""
+        self.decoder.eval()
+        self.encoder.eval()
+        if self.val_cider is None:
+            cfg = self.cfg
+            self.val_cider = CiderD(encoded_references(cfg["data_folder"], cfg["data_name"], "VAL", self.word_map),
+                                    vocab_size=len(self.word_map))
+        start, end = self.word_map["<start>"], self.word_map["<end>"]
+        captions = []
+        for batch in tqdm(self.val_loader, desc=f"epoch {epoch} val greedy", unit="batch"):
+            with self.autocast():
+                encoder_out = self.encode(batch[0])  # (B, P, C)
+                captions += greedy_captions(self.decoder, encoder_out, start, end, self.cfg["max_steps"]).captions(end)
+        return float(self.val_cider.scores(captions, range(len(captions))).mean())
+
     @contextlib.contextmanager
     def backend_settings(self):
         """cuDNN autotuning (or deterministic kernels) for this run only; the caller's settings come back."""
@@ -381,10 +472,12 @@ class Trainer:
             self.print_resume_command()
             raise
         finally:
+            self.log.close()
             self.lock.release()
 
     def run_epochs(self):
         cfg, state = self.cfg, self.state
+        metric = f"val_{cfg['val_metric']}"
         for epoch in range(state["epoch"] + 1, cfg["epochs"]):
             if state["epochs_since_improvement"] >= cfg["early_stop_patience"]:
                 print(f"No improvement for {state['epochs_since_improvement']} epochs: early stop")
@@ -396,12 +489,14 @@ class Trainer:
             started = time.time()
             train_stats = self.train_epoch(epoch)
             val_stats = self.validate(epoch)
-            bleu4 = val_stats["val_bleu4"]
-            print(f"\n * LOSS - {val_stats['val_loss']:.3f}, TOP-5 ACCURACY - {val_stats['val_top5']:.3f}, "
-                  f"BLEU-4 - {bleu4:.4f}\n")
+            if cfg["val_metric"] == "cider":
+                val_stats["val_cider"] = self.validate_by_decoding(epoch)
+            print_epoch(train_stats, val_stats)
+            score = val_stats[metric]
             first = not state["history"]["epoch"]  # the first epoch of a run is its best so far
-            is_best = bleu4 > state["best_bleu4"] or (first and bleu4 >= state["best_bleu4"])
-            state["best_bleu4"] = max(bleu4, state["best_bleu4"])
+            is_best = score > state["best_score"] or (first and score >= state["best_score"])
+            state["best_score"] = max(score, state["best_score"])
+            state["best_bleu4"] = max(val_stats["val_bleu4"], state["best_bleu4"])
             state["epochs_since_improvement"] = 0 if is_best else state["epochs_since_improvement"] + 1
             state["epoch"] = epoch
             record = {"epoch": epoch, **{f"train_{key}": value for key, value in train_stats.items()}, **val_stats,
@@ -409,8 +504,9 @@ class Trainer:
             for key, value in record.items():
                 state["history"].setdefault(key, []).append(value)
             self.save(is_best)
-        return {"best_checkpoint": self.paths.best, "last_checkpoint": self.paths.last,
-                "history": state["history"], "best_bleu4": state["best_bleu4"]}
+            self.log.epoch(state["history"])
+        return {"best_checkpoint": self.paths.best, "last_checkpoint": self.paths.last, "history": state["history"],
+                "best_bleu4": state["best_bleu4"], "val_metric": cfg["val_metric"], "best_score": state["best_score"]}
 
     def save(self, is_best):
         """BEST first (when this epoch is best), then the last checkpoint: whichever a kill interrupts, the
@@ -438,6 +534,17 @@ class Trainer:
                    and key not in ("attention", "device")]
         print(f"\nStopped. To resume after epoch {load_checkpoint(self.paths.last)['epoch']}:\n"
               f"  python solver.py train {' '.join(options)} --checkpoint {shlex.quote(self.paths.last)}")
+
+
+def print_epoch(train_stats, val_stats):
+    """The course's line after each epoch, plus the stage's and the decoding metrics when there are some."""
+    line = (f"\n * LOSS - {val_stats['val_loss']:.3f}, TOP-5 ACCURACY - {val_stats['val_top5']:.3f}, "
+            f"BLEU-4 - {val_stats['val_bleu4']:.4f}")
+    if "val_cider" in val_stats:
+        line += f", CIDEr-D (greedy) - {val_stats['val_cider']:.4f}"
+    if "reward" in train_stats:
+        line += f"\n * MEAN REWARD - {train_stats['reward']:.4f}, MEAN BASELINE - {train_stats['baseline']:.4f}"
+    print(line + "\n")
 
 
 def check_finite(value, what, last_checkpoint, fix="lower decoder_lr/encoder_lr, set grad_clip, or turn "

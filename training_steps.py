@@ -6,11 +6,18 @@ and logs) is the same for every stage. STAGES maps cfg['training'] to the stage'
 
 - CrossEntropyStage ("xe"): the course's teacher forcing, cross-entropy over the real positions plus the
   doubly stochastic attention regularisation for decoders that declare it.
+- SelfCriticalStage ("scst"): self-critical sequence training (Rennie et al., CVPR 2017): sample captions,
+  reward each with its CIDEr-D against the image's references (document frequencies of the TRAIN split),
+  and follow the policy gradient against a baseline (the mean of the image's other samples, Luo's "new
+  self-critical", or the reward of the greedy caption, the original).
 """
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from cider import CiderD
+from datasets import load_references
+from sampling import greedy_baseline, greedy_captions, mean_baseline, sample_captions, scst_loss
 from utils import ToolkitError
 
 DIVERGENCE_FACTOR = 10.0  # a cross-entropy this many times its first value means training diverged
@@ -98,4 +105,58 @@ class CrossEntropyStage:
                 f"{self.trainer.cfg['decoder_lr']:g}/{self.trainer.cfg['encoder_lr']:g}) or set grad_clip")
 
 
-STAGES = {"xe": CrossEntropyStage}
+def encoded_references(data_folder, data_name, split, word_map):
+    """Per image of a split, in HDF5 order, its reference sentences as word ids (unknown words: <unk>)."""
+    unknown = word_map["<unk>"]
+    references = load_references(data_folder, data_name, split, word_map).references
+    return [[[word_map.get(token, unknown) for token in sentence] for sentence in image] for image in references]
+
+
+class SelfCriticalStage:
+    """The SCST step: sampled captions, their CIDEr-D rewards, and the policy gradient against a baseline."""
+
+    name = "scst"
+    needs_image_index = True  # the loader gives each image's TRAIN index: its references in the reward
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        cfg = trainer.cfg
+        corpus = encoded_references(cfg["data_folder"], cfg["data_name"], "TRAIN", trainer.word_map)
+        self.reward = CiderD(corpus, vocab_size=len(trainer.word_map))
+        self.start, self.end = trainer.word_map["<start>"], trainer.word_map["<end>"]
+
+    def loss(self, batch):
+        """(minus the advantage-weighted log-probability of the sampled words, {statistic: (value, weight)})."""
+        trainer, cfg = self.trainer, self.trainer.cfg
+        inputs, image_index = batch[0], batch[-1]
+        samples_per_image = cfg["scst_samples"]
+        with trainer.autocast():
+            encoder_out = trainer.encode(inputs)  # (B, P, C)
+            samples = sample_captions(trainer.decoder, encoder_out, samples_per_image, self.start, self.end,
+                                      cfg["max_steps"])
+        sampled_images = image_index.repeat_interleave(samples_per_image)  # (B * n,)
+        rewards = self.reward.scores(samples.captions(self.end), sampled_images).reshape(-1, samples_per_image)
+        rewards = torch.as_tensor(rewards, dtype=torch.float32, device=trainer.device)  # (B, n)
+        baselines = self.baselines(encoder_out, rewards, image_index)
+        loss = scst_loss(samples.log_probs.float(), samples.mask, rewards, baselines)
+        count = rewards.numel()
+        return loss, {"loss": (loss.item(), count), "reward": (rewards.mean().item(), count),
+                      "baseline": (baselines.mean().item(), count)}
+
+    def baselines(self, encoder_out, rewards, image_index):
+        """(B, n) baselines: the mean of the other samples' rewards, or the greedy caption's reward (decoded in
+        eval mode, as at test time)."""
+        if self.trainer.cfg["scst_baseline"] == "mean":
+            return mean_baseline(rewards)
+        decoder = self.trainer.decoder
+        decoder.eval()
+        try:
+            greedy = greedy_captions(decoder, encoder_out.detach(), self.start, self.end, self.trainer.cfg["max_steps"])
+        finally:
+            decoder.train()
+        greedy_rewards = self.reward.scores(greedy.captions(self.end), image_index)
+        return greedy_baseline(torch.as_tensor(greedy_rewards, dtype=torch.float32, device=rewards.device),
+                               rewards.size(1))
+
+
+STAGES = {"xe": CrossEntropyStage, "scst": SelfCriticalStage}

@@ -73,14 +73,15 @@ class Settings:
     preprocess_images: int  # images create_input_files turns into HDF5, per timed run
     source_size: tuple  # (width, height) of the JPEGs create_input_files reads
     preprocess_rounds: int  # timed runs per worker count (the fastest counts)
+    scst_steps: int  # timed SCST training steps
 
 
 FULL = Settings(backbone="resnet101", image_size=256, grid=14, dims=512, train_images=48, val_images=100,
                 warmup_steps=1, timing_rounds=2, cached_steps_per_round=5, beam_training_steps=60, beam_rounds=5,
-                preprocess_images=1200, source_size=(640, 480), preprocess_rounds=2)
+                preprocess_images=1200, source_size=(640, 480), preprocess_rounds=2, scst_steps=8)
 QUICK = Settings(backbone="resnet18", image_size=64, grid=4, dims=64, train_images=12, val_images=8,
                  warmup_steps=1, timing_rounds=2, cached_steps_per_round=2, beam_training_steps=10, beam_rounds=1,
-                 preprocess_images=24, source_size=(160, 120), preprocess_rounds=1)
+                 preprocess_images=24, source_size=(160, 120), preprocess_rounds=1, scst_steps=2)
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,8 @@ def training_section(data, work, settings):
         figures["train"][decoder_name] = train
         figures["beam"][decoder_name] = beam_comparison(fast, fast_steps, read_cached_features(cache.paths[1]),
                                                         settings)
+        if decoder_name == "attention":
+            figures["scst"] = scst_section(fast, data, work, settings)
         del fast, fast_steps
     figures["feature_cache"] = cache.figures()
     report_coco_projection(figures["train"]["attention"]["coco_projection"])
@@ -365,6 +368,37 @@ def beam_comparison(trainer, steps, encoder_out, settings):
             "speedup": batched_rate / one_rate, "mismatches": mismatches,
             "caption_words": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)},
             "unfinished": unfinished}
+
+
+def scst_section(xe_trainer, data, work, settings):
+    """The real SCST training step (Trainer.train_step of the scst stage) from the attention decoder trained
+    above: sampled captions per second, and the share of the step that computing the CIDEr-D rewards takes."""
+    xe_trainer.save(is_best=True)
+    trainer = make_trainer(data, work, settings, "attention", training="scst", checkpoint=xe_trainer.paths.best)
+    reward = trainer.stage.reward
+    real_scores, reward_seconds = reward.scores, [0.0]
+
+    def timed_scores(*args):
+        start = time.perf_counter()
+        result = real_scores(*args)
+        reward_seconds[0] += time.perf_counter() - start
+        return result
+    reward.scores = timed_scores
+    trainer.decoder.train()
+    batches = itertools.islice(itertools.cycle(trainer.train_loader), settings.scst_steps + 1)
+    trainer.train_step(next(batches))  # warm-up
+    reward_seconds[0], samples, start = 0.0, 0, time.perf_counter()
+    for batch in batches:
+        trainer.train_step(batch)
+        samples += len(batch[0]) * trainer.cfg["scst_samples"]
+    seconds = time.perf_counter() - start
+    share = reward_seconds[0] / seconds
+    report("scst_samples_per_s", f"{samples / seconds:.2f} sampled captions/s ({samples} in {seconds:.1f} s, "
+                                 f"{trainer.cfg['scst_samples']} per image, mean baseline, attention decoder)")
+    report("cider_reward_share", f"{share:.4f} of the SCST step ({reward_seconds[0] * 1000:.1f} ms of CIDEr-D "
+                                 f"rewards in {seconds:.1f} s)")
+    trainer.lock.release()
+    return {"samples_per_s": samples / seconds, "reward_share": share, "seconds": seconds, "samples": samples}
 
 
 def write_source_jpegs(folder, settings, images):

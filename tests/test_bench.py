@@ -88,3 +88,13 @@ def test_backbone_table_has_a_row_per_backbone():
     assert cells[:3] == ["resnet18", "512", "11.2"]  # the trunk without fc: 11.18 M parameters
     # ResNet-18 costs 1.82 GFLOPs (multiply-add = 2) at 224 x 224; at 64 x 64 it scales with the pixels
     assert float(cells[3]) == pytest.approx(1.82 * 2 * (64 / 224) ** 2, rel=0.1)
+
+
+def test_the_scst_step_and_its_reward_share_are_measured(quick_run):
+    stdout, figures = quick_run
+    values = line_values(stdout)
+    scst = figures["scst"]
+    assert scst["samples"] == bench.QUICK.scst_steps * (bench.BATCH_SIZE // 5) * 5
+    assert values["scst_samples_per_s"].startswith(f"{scst['samples_per_s']:.2f} sampled captions/s")
+    assert 0 < scst["reward_share"] < 1
+    assert values["cider_reward_share"].startswith(f"{scst['reward_share']:.4f} of the SCST step")

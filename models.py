@@ -1,4 +1,4 @@
-"""The captioning networks: the image encoder and three decoders.
+"""The captioning networks: the image encoder and four decoders.
 
 - Encoder: an ImageNet-pretrained CNN trunk (ResNet-101 in the course; ConvNeXt, EfficientNetV2,
   EfficientNet-Lite0 and other ResNets too) or vision transformer (ViT, Swin, Swin V2) turned into a
@@ -7,16 +7,18 @@
 - DecoderWithRNN: Show and Tell (Vinyals et al., 2015), the course's decoder without attention.
 - DecoderWithAttention: Show, Attend and Tell (Xu et al., 2015), the course's attention decoder.
 - DecoderWithAdaptiveAttention: Knowing When to Look (Lu et al., 2017), attention with a visual sentinel.
+- DecoderWithTransformer: a Transformer (Vaswani et al., 2017) over the grid, as self-critical.pytorch's.
 
 Every decoder exposes the same step interface, used by teacher forcing (forward) and beam search:
     memory, state = decoder.start(encoder_out)          # one row per image
     preds, state, attention = decoder.one_step(embeddings, memory, state)
-`memory` (what the decoder reads from the image) and `state` (the LSTM's) are tuples of tensors
-whose first dimension is the batch, so callers can slice, expand or reorder them without knowing
-what they hold. `state` may hold several rows per `memory` row instead of copies of the memory:
-k consecutive rows per memory row (beam search of one image), or any number per image, described
-by a RowLayout passed as one_step's `layout` (batched beam search, where images keep different
-numbers of beams).
+`memory` (what the decoder reads from the image) and `state` (the LSTM's; the Transformer's keys
+and values of the words so far) are tuples of tensors whose first dimension is the batch, so callers
+can slice, expand or reorder them without knowing what they hold. `state` may hold several rows
+per `memory` row instead of copies of the memory: k consecutive rows per memory row (beam search of
+one image), or, for the decoders whose `handles_layout` is True, any number per image, described by
+a RowLayout passed as one_step's `layout` (batched beam search, where images keep different numbers
+of beams).
 """
 import math
 import os

@@ -313,11 +313,11 @@ class CaptionDecoder(nn.Module):
     #: 'alphas' from forward/one_step: None (no attention), (.., P) or (.., P + 1) with the sentinel last
     has_attention = False
     has_sentinel = False
-    #: the training loss adds the doubly stochastic attention term (alpha_c) of Show, Attend and Tell
+    #: the doubly stochastic attention regularisation (cfg alpha_c) applies to this decoder's alphas
     attention_regularization = False
-    #: one_step reads a RowLayout; if False, batched beam search gives it one memory row per state row
-    handles_layout = False
-    #: trained with learning-rate warm-up (a Transformer); the LSTM decoders are not, unless asked
+    #: one_step accepts a RowLayout; otherwise batched beam search gives it copies of the memory rows
+    handles_layout = True
+    #: its learning rate needs a warm-up (cfg lr_warmup_steps)
     lr_warmup = False
 
     def __init__(self, embed_dim, decoder_dim, vocab_size, encoder_dim, dropout):
@@ -329,6 +329,12 @@ class CaptionDecoder(nn.Module):
         self.dropout_p = dropout
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.dropout = nn.Dropout(p=dropout)
+
+    @classmethod
+    def from_cfg(cls, cfg, vocab_size, encoder_dim):
+        """The decoder sized as cfg says, for `vocab_size` words and encodings of `encoder_dim` channels."""
+        return cls(cfg["attention_dim"], cfg["embed_dim"], cfg["decoder_dim"], vocab_size, encoder_dim,
+                   cfg["dropout"])
 
     def init_output_weights(self):
         """The course's initialisation: uniform embeddings and output weights, zero output bias."""
@@ -394,8 +400,6 @@ class DecoderWithRNN(CaptionDecoder):
     `fused_lstm = False` to run the course's step-by-step loop instead (same outputs).
     """
 
-    handles_layout = True  # its memory is empty: nothing to lay out
-
     def __init__(self, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5, fused_lstm=True):
         super().__init__(embed_dim, decoder_dim, vocab_size, encoder_dim, dropout)
         self.decode_step = nn.LSTMCell(embed_dim, decoder_dim)
@@ -410,7 +414,6 @@ class DecoderWithRNN(CaptionDecoder):
 
     @classmethod
     def from_cfg(cls, cfg, vocab_size, encoder_dim):
-        """The decoder of a training cfg: embed_dim, decoder_dim, dropout."""
         return cls(cfg["embed_dim"], cfg["decoder_dim"], vocab_size, encoder_dim, cfg["dropout"])
 
     def start(self, encoder_out):
@@ -536,7 +539,6 @@ class DecoderWithAttention(CaptionDecoder):
 
     has_attention = True
     attention_regularization = True
-    handles_layout = True
 
     def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5):
         super().__init__(embed_dim, decoder_dim, vocab_size, encoder_dim, dropout)
@@ -548,11 +550,6 @@ class DecoderWithAttention(CaptionDecoder):
         self.f_beta = nn.Linear(decoder_dim, encoder_dim)
         self.fc = nn.Linear(decoder_dim, vocab_size)
         self.init_output_weights()
-
-    @classmethod
-    def from_cfg(cls, cfg, vocab_size, encoder_dim):
-        """The decoder of a training cfg: attention_dim, embed_dim, decoder_dim, dropout."""
-        return cls(cfg["attention_dim"], cfg["embed_dim"], cfg["decoder_dim"], vocab_size, encoder_dim, cfg["dropout"])
 
     def start(self, encoder_out):
         mean_encoding = encoder_out.mean(dim=1)  # (B, C)
@@ -579,7 +576,6 @@ class DecoderWithAdaptiveAttention(CaptionDecoder):
 
     has_attention = True
     has_sentinel = True
-    handles_layout = True
 
     def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5):
         super().__init__(embed_dim, decoder_dim, vocab_size, encoder_dim, dropout)
@@ -595,11 +591,6 @@ class DecoderWithAdaptiveAttention(CaptionDecoder):
         self.att = nn.Linear(attention_dim, 1)  # w_h
         self.fc = nn.Linear(decoder_dim, vocab_size)  # W_p
         self.init_output_weights()
-
-    @classmethod
-    def from_cfg(cls, cfg, vocab_size, encoder_dim):
-        """The decoder of a training cfg: attention_dim, embed_dim, decoder_dim, dropout."""
-        return cls(cfg["attention_dim"], cfg["embed_dim"], cfg["decoder_dim"], vocab_size, encoder_dim, cfg["dropout"])
 
     def start(self, encoder_out):
         regions = F.relu(self.region_proj(encoder_out))  # (B, P, D)
@@ -806,3 +797,19 @@ class DecoderWithTransformer(CaptionDecoder):
                                                memory[2 * index + 1], need_weights=index == len(self.layers) - 1)
             new_state += [keys, values]
         return self.fc(self.final_norm(x)), tuple(new_state), attention
+
+
+# ---------------------------------------------------------------- the registry of decoders
+# cfg["decoder"] -> class. A new decoder is a CaptionDecoder subclass above and one entry here: training,
+# beam search, sampling, test and caption follow what the class declares (has_attention, has_sentinel,
+# attention_regularization, handles_layout, lr_warmup), never its name.
+DECODERS = {
+    "rnn": DecoderWithRNN,
+    "attention": DecoderWithAttention,
+    "adaptive": DecoderWithAdaptiveAttention,
+}
+
+
+def build_decoder(cfg, vocab_size, encoder_dim):
+    """The decoder that cfg['decoder'] names, sized for the vocabulary and the encoder's channels."""
+    return DECODERS[cfg["decoder"]].from_cfg(cfg, vocab_size, encoder_dim)

@@ -31,7 +31,12 @@ CFG_SCHEMA = {
     "embed_dim": (512, (int,), "dimension of word embeddings"),
     "attention_dim": (512, (int,), "dimension of attention linear layers"),
     "decoder_dim": (512, (int,), "dimension of decoder RNN (the transformer's model width)"),
-    "dropout": (0.5, (float, int), "dropout before the output layer"),
+    "dropout": (0.5, (float, int), "dropout before the output layer (the LSTM decoders)"),
+    "transformer_layers": (6, (int,), "the transformer's decoder layers"),
+    "transformer_encoder_layers": (6, (int,), "the transformer's self-attention layers over the grid (0: none)"),
+    "transformer_heads": (8, (int,), "attention heads of the transformer (divides decoder_dim)"),
+    "transformer_ff_dim": (2048, (int,), "feed-forward width of the transformer's layers"),
+    "transformer_dropout": (0.1, (float, int), "dropout of the transformer"),
     "device": (None, (str, torch.device, NONE), "cpu, cuda, cuda:1...; None picks cuda when available"),
     # Training
     "start_epoch": (0, (int,), "first epoch of a fresh run (a resumed run continues after its checkpoint)"),
@@ -74,13 +79,16 @@ CFG_SCHEMA = {
 }
 REQUIRED_KEYS = ("data_folder", "data_name")
 # Keys that define the networks: a resumed run must agree with its checkpoint on them.
-MODEL_KEYS = ("decoder", "encoder", "encoded_image_size", "embed_dim", "attention_dim", "decoder_dim")
+MODEL_KEYS = ("decoder", "encoder", "encoded_image_size", "embed_dim", "attention_dim", "decoder_dim",
+              "transformer_layers", "transformer_encoder_layers", "transformer_heads", "transformer_ff_dim")
 # Keys whose value is one of a few words.
-CHOICES = {"decoder": tuple(DECODERS), "training": ("xe", "scst"), "scst_baseline": ("mean", "greedy"),
+CHOICES = {"training": ("xe", "scst"), "scst_baseline": ("mean", "greedy"),
            "val_metric": ("bleu4", "cider")}
 POSITIVE_INTS = ("epochs", "batch_size", "encoded_image_size", "embed_dim", "attention_dim", "decoder_dim",
-                 "lr_decay_patience", "early_stop_patience", "scst_samples", "max_steps")
-NON_NEGATIVE_INTS = ("start_epoch", "epochs_since_improvement", "print_freq", "workers", "lr_warmup_steps")
+                 "lr_decay_patience", "early_stop_patience", "scst_samples", "max_steps", "transformer_layers",
+                 "transformer_heads", "transformer_ff_dim")
+NON_NEGATIVE_INTS = ("start_epoch", "epochs_since_improvement", "print_freq", "workers", "lr_warmup_steps",
+                     "transformer_encoder_layers")
 POSITIVE_RATES = ("encoder_lr", "decoder_lr", "scst_lr")
 
 
@@ -145,8 +153,11 @@ def check_values(cfg):
         refuse("best_bleu4", "must be 0 or more")
     if not 0 < cfg["lr_decay_factor"] <= 1:
         refuse("lr_decay_factor", "must be in (0, 1]")
-    if not 0 <= cfg["dropout"] < 1:
-        refuse("dropout", "must be in [0, 1)")
+    for key in ("dropout", "transformer_dropout"):
+        if not 0 <= cfg[key] < 1:
+            refuse(key, "must be in [0, 1)")
+    if cfg["decoder_dim"] % cfg["transformer_heads"] and cfg["decoder"] == "transformer":
+        refuse("decoder_dim", f"must be a multiple of transformer_heads = {cfg['transformer_heads']}")
     if cfg["training"] == "scst" and cfg["scst_baseline"] == "mean" and cfg["scst_samples"] < 2:
         refuse("scst_samples", "must be at least 2 with scst_baseline 'mean' (the baseline of a sample is the mean "
                                "of the image's other samples)")

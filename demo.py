@@ -53,11 +53,16 @@ class Run:
     label: str
     training: str = "xe"
     starts_from: str = None  # the results.json key whose best checkpoint an SCST run starts from
+    options: tuple = ()  # (cfg key, value) pairs of this run only
 
 
+# A smaller Transformer than self-critical.pytorch's COCO one (6 + 6 layers of 512): the demo's data is small.
+TRANSFORMER_OPTIONS = (("transformer_layers", 2), ("transformer_encoder_layers", 1), ("transformer_heads", 4),
+                       ("transformer_ff_dim", 512), ("decoder_lr", 5e-4), ("lr_warmup_steps", 100))
 RUNS = {  # results.json key -> what it trains, in training order
     "no_attention": Run("rnn", "Show and Tell (no attention)"),
     "attention": Run("attention", "Show, Attend and Tell"),
+    "transformer": Run("transformer", "Transformer (2 decoder layers, 1 over the grid)", options=TRANSFORMER_OPTIONS),
     "attention_scst": Run("attention", "attention + SCST (CIDEr-D reward)", training="scst", starts_from="attention"),
 }
 RESULTS = tuple(RUNS) + ("blind",)  # the keys of results.json
@@ -148,7 +153,7 @@ def run_cfg(settings, data, run, output_folder, device, checkpoint=None):
             "embed_dim": settings.dim, "attention_dim": settings.dim, "decoder_dim": settings.dim,
             "epochs": settings.epochs, "batch_size": settings.batch_size, "decoder_lr": DECODER_LR,
             "print_freq": 0, "seed": settings.seed,
-            "device": device, "output_folder": output_folder, "overwrite": True, **stage}
+            "device": device, "output_folder": output_folder, "overwrite": True, **stage, **dict(run.options)}
 
 
 def example_test_image(karpathy_json):

@@ -10,8 +10,10 @@ import torch
 
 import features
 import solver
+import utils
 from conftest import tiny_cfg
-from datasets import ImageCaptionsDataset, data_paths, normalize_images
+from data_files import data_paths, feature_cache_path
+from datasets import ImageCaptionsDataset, normalize_images
 from models import Encoder
 from utils import ToolkitError
 
@@ -90,7 +92,7 @@ def test_an_interrupted_build_leaves_nothing_behind(data, tmp_path, monkeypatch)
 
 def test_a_partial_or_foreign_file_is_never_read(data, tmp_path):
     model = encoder()
-    path = features.cache_path(str(tmp_path), data.data_name, "VAL", "resnet18")
+    path = feature_cache_path(str(tmp_path), data.data_name, "VAL", "resnet18")
     with h5py.File(path, "w") as h5:  # what a crash inside h5py could leave: no fingerprint
         h5.create_dataset("features", data=np.zeros((8, 16, 512), dtype="float16"))
     assert build(model, data, tmp_path) == path
@@ -103,8 +105,10 @@ def test_a_partial_or_foreign_file_is_never_read(data, tmp_path):
 
 def test_refuses_when_the_disk_is_too_small(data, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(features.shutil, "disk_usage", lambda folder: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(ToolkitError, match=r"needs 0\.0 GB .* has only 0\.0 GB free.*cache_folder"):
+    monkeypatch.setattr(utils.shutil, "disk_usage", lambda folder: usage(10**9, 10**9 - 1000, 1000))
+    needed = 8 * 16 * 512 * 2  # images x positions x channels x float16
+    with pytest.raises(ToolkitError, match=rf"VAL feature cache needs {utils.format_bytes(needed)} plus 1\.1 GB kept "
+                                           rf"free but .* has only 1\.0 kB free.*cache_folder"):
         build(encoder(), data, tmp_path)
     assert os.listdir(tmp_path) == ["data"]
 
@@ -123,6 +127,6 @@ def test_cache_features_command_builds_both_splits(data, tmp_path, capsys):
                  "resnet18", "--encoder-weights", "none", "--encoded-image-size", "4", "--workers", "0",
                  "--cache-folder", str(tmp_path / "cache"), "--device", "cpu"])
     printed = capsys.readouterr().out
-    assert "GB in" in printed  # the size is announced before the work
+    assert "float16 = " in printed and " kB in " in printed  # the size is announced before the work
     assert sorted(os.listdir(tmp_path / "cache")) == [f"TRAIN_FEATURES_{data.data_name}_resnet18.hdf5",
                                                       f"VAL_FEATURES_{data.data_name}_resnet18.hdf5"]

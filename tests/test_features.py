@@ -1,5 +1,6 @@
 """The frozen encoder's feature cache: equal to live features, rebuilt when stale, never read partial."""
 import os
+import re
 import shutil
 from collections import namedtuple
 
@@ -130,3 +131,61 @@ def test_cache_features_command_builds_both_splits(data, tmp_path, capsys):
     assert "float16 = " in printed and " kB in " in printed  # the size is announced before the work
     assert sorted(os.listdir(tmp_path / "cache")) == [f"TRAIN_FEATURES_{data.data_name}_resnet18.hdf5",
                                                       f"VAL_FEATURES_{data.data_name}_resnet18.hdf5"]
+
+
+def count_builds(monkeypatch):
+    builds = []
+    real_build = features.build_feature_cache
+    monkeypatch.setattr(features, "build_feature_cache", lambda *args: builds.append(args[4]) or real_build(*args))
+    return builds
+
+
+def zero_first_row(path):
+    with h5py.File(path, "r+") as h5:
+        h5["features"][0] = 0
+
+
+def nan_in_last_row(path):
+    with h5py.File(path, "r+") as h5:
+        h5["features"][-1, 3, 7] = np.nan
+
+
+def random_bytes_in_the_middle(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as file:
+        file.seek(size // 2)
+        file.write(np.random.default_rng(0).bytes(size // 8))
+
+
+@pytest.mark.parametrize("damage", [zero_first_row, nan_in_last_row, random_bytes_in_the_middle])
+def test_a_cache_damaged_after_it_was_built_is_rebuilt(data, tmp_path, monkeypatch, capsys, damage):
+    builds = count_builds(monkeypatch)
+    path = build(encoder(), data, tmp_path)
+    good = [features.read_features(path, index) for index in range(8)]
+    damage(path)
+    capsys.readouterr()
+    assert build(encoder(), data, tmp_path) == path and len(builds) == 2
+    assert f"Rebuilding the feature cache {path!r}" in capsys.readouterr().out
+    assert all(np.array_equal(features.read_features(path, index), row) for index, row in enumerate(good))
+
+
+def test_an_encoder_with_non_finite_features_is_named_not_the_learning_rate(data, tmp_path, monkeypatch):
+    model = encoder()
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda images: real_forward(images) * 1e9)  # beyond float16's 65504
+    with pytest.raises(ToolkitError, match=r"frozen resnet18 encoder gives unusable features: those of VAL image 0 "
+                                           r"are not finite .*randomly initialised backbone.*use pretrained weights"):
+        build(model, data, tmp_path)
+    assert os.listdir(tmp_path) == ["data"]
+
+
+@pytest.mark.parametrize("split", ["TRAIN", "VAL"])
+def test_a_truncated_images_file_names_the_file_and_the_command(data, tmp_path, split):
+    path = data_paths(data.folder, data.data_name, split)["images"]
+    with open(path, "rb") as file:
+        content = file.read()
+    with open(path, "wb") as file:
+        file.write(content[:len(content) // 3])
+    with pytest.raises(ToolkitError, match=re.escape(repr(path))) as error:
+        features.ensure_feature_cache(encoder(), data.folder, data.data_name, split, str(tmp_path))
+    assert "python create_input_files.py --dataset shapes" in str(error.value)

@@ -22,7 +22,6 @@ import random
 import signal
 import warnings
 
-import numpy as np
 from tqdm import tqdm
 
 from data_files import SPLITS, base_name, new_hdf5_file, output_paths
@@ -297,7 +296,7 @@ def write_split_images(split, decoded, images, image_size, captions_per_image, h
                 continue
             # one image is one chunk: write it as is, bypassing h5py's selection and chunk-cache copies
             # (several times cheaper, and this loop is the serial part that limits the workers' speedup)
-            stored.id.write_direct_chunk((len(kept), 0, 0, 0), np.ascontiguousarray(pixels))
+            stored.id.write_direct_chunk((len(kept), 0, 0, 0), pixels)  # load_image gives C-contiguous pixels
             kept.append(image)
         stored.resize(len(kept), axis=0)
     return kept

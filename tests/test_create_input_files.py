@@ -536,33 +536,47 @@ def slow_source(tmp_path_factory):
                                modes=(("RGB", "JPEG"),))
 
 
-def start_and_signal(json_path, image_folder, output_folder, signal_number):
-    """Start the command line with two workers, send `signal_number` once it writes the TRAIN images; return
-    the finished process's (return code, stdout, stderr)."""
+def train_images_written(output_folder):
+    """Bytes in the temporary TRAIN images file (0 before it exists)."""
+    names = [name for name in temp_files(output_folder) if name.startswith(".TRAIN_IMAGES")]
+    return os.path.getsize(os.path.join(output_folder, names[0])) if names else 0
+
+
+def start_and_signal(json_path, image_folder, output_folder, signal_number, whole_group=False):
+    """Start the command line with two workers, send `signal_number` (to its process group, as a terminal's
+    Ctrl-C does, if `whole_group`) once it writes the TRAIN images; return the finished process's
+    (return code, stderr)."""
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "create_input_files.py"),
                                 *command_args(json_path, image_folder, output_folder, "--workers", "2")],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.monotonic() + 60
-    while not any(name.startswith(".TRAIN_IMAGES") for name in temp_files(output_folder)) and process.poll() is None:
+    while train_images_written(output_folder) < 10 * 3 * SIZE * SIZE and process.poll() is None:
         assert time.monotonic() < deadline, "preprocessing did not start"
-        time.sleep(0.005)
-    time.sleep(0.2)  # mid-way through the TRAIN images
-    process.send_signal(signal_number)
-    stdout, stderr = process.communicate(timeout=60)  # returns once the workers, which share stderr, are gone too
-    return process.returncode, stdout, stderr
+        time.sleep(0.005)  # until the workers run and the first 10 TRAIN images are stored
+    if whole_group:
+        os.killpg(process.pid, signal_number)
+    else:
+        process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)  # returns once the workers, which share stderr, are gone too
+    return process.returncode, stderr
 
 
-def test_sigterm_ends_like_ctrl_c_with_no_temporary_files(slow_source, tmp_path):
+@pytest.mark.parametrize("signal_number, whole_group, returncode, message", [
+    (signal.SIGTERM, False, 143, "terminated (SIGTERM)"), (signal.SIGTERM, True, 143, "terminated (SIGTERM)"),
+    (signal.SIGINT, True, 130, "interrupted")])
+def test_sigterm_and_ctrl_c_end_cleanly_with_no_temporary_files(slow_source, tmp_path, signal_number, whole_group,
+                                                                returncode, message):
     (tmp_path / "out").mkdir()
-    returncode, _, stderr = start_and_signal(*slow_source, tmp_path / "out", signal.SIGTERM)
-    assert returncode == 143, stderr
-    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr and "Error" not in stderr
+    status, stderr = start_and_signal(*slow_source, tmp_path / "out", signal_number, whole_group)
+    assert status == returncode, stderr
+    assert message in stderr and "Traceback" not in stderr and "Error" not in stderr
     assert os.listdir(tmp_path / "out") == []
 
 
 def test_after_a_kill_9_the_next_run_removes_the_leftovers_and_says_so(slow_source, tmp_path):
     (tmp_path / "out").mkdir()
-    returncode, _, stderr = start_and_signal(*slow_source, tmp_path / "out", signal.SIGKILL)
+    returncode, stderr = start_and_signal(*slow_source, tmp_path / "out", signal.SIGKILL)
     assert returncode == -signal.SIGKILL
     assert "Traceback" not in stderr and "Error" not in stderr  # the workers ended quietly
     leftovers = temp_files(tmp_path / "out")

@@ -1,4 +1,5 @@
-"""PyTorch datasets over the files of create_input_files.py, and the helpers that locate and read them."""
+"""PyTorch datasets over the files of create_input_files.py, and the helpers that check and read them
+(data_files.py names them)."""
 import contextlib
 import json
 import os

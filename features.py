@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from data_files import data_paths, feature_cache_path, new_hdf5_file
 from datasets import ImageCaptionsDataset, normalize_images, opened_images_file
-from utils import ToolkitError, atomic_path, check_free_space, format_bytes
+from utils import ToolkitError, atomic_path, check_free_space, format_bytes, remove_stale_temp_files
 
 CACHE_FORMAT = "features/1"
 DISK_MARGIN_BYTES = 1 << 30  # leave 1 GiB free
@@ -100,6 +100,7 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
     positions, channels = feature_shape(encoder, image_size, device)
     needed = len(dataset) * positions * channels * 2
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temp_files(os.path.dirname(os.path.abspath(path)))  # a killed build's leftover counts as used space
     print(f"Caching {split} features of {encoder.backbone_name}: {len(dataset)} images x {positions} x "
           f"{channels} float16 = {format_bytes(needed)} in {path}")
     check_free_space(os.path.dirname(os.path.abspath(path)), needed, f"the {split} feature cache",

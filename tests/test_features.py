@@ -189,3 +189,10 @@ def test_a_truncated_images_file_names_the_file_and_the_command(data, tmp_path, 
     with pytest.raises(ToolkitError, match=re.escape(repr(path))) as error:
         features.ensure_feature_cache(encoder(), data.folder, data.data_name, split, str(tmp_path))
     assert "python create_input_files.py --dataset shapes" in str(error.value)
+
+
+def test_a_killed_build_s_leftover_is_removed_by_the_next_build(data, tmp_path, capsys):
+    leftover = tmp_path / f".VAL_FEATURES_{data.data_name}_resnet18.hdf5.999999999.abcd.tmp"  # no such pid
+    leftover.write_bytes(b"half a cache")
+    build(encoder(), data, tmp_path)
+    assert not leftover.exists() and "removed 1 temporary file(s)" in capsys.readouterr().out

@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import signal
@@ -36,7 +37,8 @@ RESERVED_TOKENS = SPECIAL_TOKENS + ("<pad>",)  # never words: in a sentence they
 CAPTION_SEED = 123  # the course's seed(123) for caption sampling
 MAX_LISTED_FILES = 5  # how many missing/bad files an error message names
 IMAGES_PER_CHUNK = 8  # images per message to a decoding worker (one image per message costs the parent more)
-CHUNKS_AHEAD = 2  # chunks queued per worker, so it never waits for the parent between chunks
+CHUNKS_AHEAD = 2  # chunks a worker holds, so it never waits for the parent between chunks
+RECEIVED_AHEAD = 4  # chunks per worker decoded or queued beyond the one the parent stores next
 OUTPUT_FOLDER_OPTION = "--output-folder (output_folder)"
 CAPTION_JSON_BYTES_PER_ID = 4  # an upper estimate of one encoded word id in the CAPTIONS file ("12, ")
 
@@ -237,8 +239,10 @@ def decode_chunks(connection, image_size):
 def decode_images(images, image_size, workers):
     """Yield (image, pixels (3, S, S) uint8 or None, error) in order, decoded in `workers` processes.
 
-    Chunk k of IMAGES_PER_CHUNK images goes to worker k % workers, each worker holding CHUNKS_AHEAD
-    chunks, and the results come back in chunk order: the same order, so the same bytes, as one worker.
+    Chunks of IMAGES_PER_CHUNK images go to whichever worker has fewer than CHUNKS_AHEAD of them,
+    results are taken from whichever worker has them ready (a worker never waits with a finished
+    chunk for its turn) and yielded in chunk order: the same order, so the same bytes, as one worker.
+    At most RECEIVED_AHEAD chunks per worker are sent ahead of the one yielded next, bounding memory.
     """
     if workers == 1:
         for image in images:
@@ -250,28 +254,42 @@ def decode_images(images, image_size, workers):
     pipes = [context.Pipe() for _ in range(workers)]
     processes = [context.Process(target=decode_chunks, args=(child, image_size), daemon=True) for _, child in pipes]
     connections = [parent for parent, _ in pipes]
+    sent = [collections.deque() for _ in range(workers)]  # per worker: numbers of the chunks it holds, oldest first
+    received = {}  # chunk number -> its results, until yielded
+    next_to_send = 0
+
+    def top_up(next_to_yield):
+        """Give every worker holding fewer than CHUNKS_AHEAD chunks the next ones, within the memory bound."""
+        nonlocal next_to_send
+        last = min(len(chunks), next_to_yield + RECEIVED_AHEAD * workers)
+        for worker, connection in enumerate(connections):
+            while len(sent[worker]) < CHUNKS_AHEAD and next_to_send < last:
+                connection.send([image.path for image in chunks[next_to_send]])
+                sent[worker].append(next_to_send)
+                next_to_send += 1
+
+    def receive(next_to_yield, timeout):
+        """Take the results of every worker that has some ready, waiting up to `timeout` s (None: until one has)."""
+        for connection in multiprocessing.connection.wait(connections, timeout):
+            received[sent[connections.index(connection)].popleft()] = connection.recv()
+        top_up(next_to_yield)
+
     try:
         for process, (_, child) in zip(processes, pipes):
             process.start()
             child.close()
-
-        def queue(number):
-            if number < len(chunks):
-                connections[number % workers].send([image.path for image in chunks[number]])
-
-        try:
-            for number in range(CHUNKS_AHEAD * workers):
-                queue(number)
-            for number, chunk in enumerate(chunks):
-                results = connections[number % workers].recv()
-                queue(number + CHUNKS_AHEAD * workers)
-                for image, (pixels, error) in zip(chunk, results):
-                    yield image, pixels, error
-        except (EOFError, BrokenPipeError, ConnectionResetError):  # a worker is gone: killed, out of memory...
-            exit_codes = [process.exitcode for process in processes if not process.is_alive()]
-            raise ToolkitError(f"an image decoding worker process ended unexpectedly (exit codes {exit_codes}); "
-                               f"if the machine ran out of memory, pass fewer --workers (--workers 1 decodes "
-                               f"in the main process)") from None
+        top_up(0)
+        for number, chunk in enumerate(chunks):
+            receive(number, timeout=0)
+            while number not in received:
+                receive(number, timeout=None)
+            for image, (pixels, error) in zip(chunk, received.pop(number)):
+                yield image, pixels, error
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # a worker is gone: killed, out of memory...
+        exit_codes = [process.exitcode for process in processes if not process.is_alive()]
+        raise ToolkitError(f"an image decoding worker process ended unexpectedly (exit codes {exit_codes}); if the "
+                           f"machine ran out of memory, pass fewer --workers (--workers 1 decodes in the main "
+                           f"process)") from None
     finally:  # done, failed or interrupted: the workers have nothing left to finish
         for connection in connections:
             connection.close()

@@ -35,7 +35,8 @@ from torchvision.models import get_model
 from tqdm import tqdm
 
 from beam_search import beam_search, beam_search_one
-from create_input_files import base_name, create_input_files
+from create_input_files import create_input_files
+from data_files import base_name
 from datasets import ImageCaptionsDataset, normalize_images
 from config import validate_cfg
 from features import ensure_feature_cache

@@ -24,7 +24,8 @@ import h5py
 import torch
 from torch import nn
 
-from datasets import data_paths, load_word_map
+from data_files import data_paths
+from datasets import load_word_map
 from checkpoints import CHECKPOINT_FORMAT, save_checkpoint
 from config import default_cfg, validate_cfg
 from models import build_decoder

@@ -13,38 +13,34 @@ and `WORDMAP_<base>.json`. All of them appear together or not at all.
 import argparse
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import signal
 import warnings
 
-import h5py
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from utils import ToolkitError, atomic_path, run_cli
+from data_files import SPLITS, base_name, new_hdf5_file, output_paths
+from images import BadImageError, load_image
+from utils import (ToolkitError, atomic_path, check_free_space, check_writable_folder, remove_stale_temp_files,
+                   run_cli)
 
 DATASETS = ("coco", "flickr8k", "flickr30k", "shapes")
-SPLITS = ("TRAIN", "VAL", "TEST")
 KARPATHY_SPLITS = {"train": "TRAIN", "restval": "TRAIN", "val": "VAL", "test": "TEST"}
 SPECIAL_TOKENS = ("<unk>", "<start>", "<end>")  # ids after the words; "<pad>" is 0
+RESERVED_TOKENS = SPECIAL_TOKENS + ("<pad>",)  # never words: in a sentence they are encoded as <unk>
 CAPTION_SEED = 123  # the course's seed(123) for caption sampling
-RESAMPLE = Image.Resampling.BILINEAR  # the course's scipy.misc.imresize default ('bilinear', via PIL)
 MAX_LISTED_FILES = 5  # how many missing/bad files an error message names
-BLOCK_IMAGES_PER_WORKER = 32  # a block (one round trip to the decoding workers) has 32 images per worker
-# images per message to a worker: a quarter of its block, so the workers still share a block evenly; one
-# image per message cost the parent ~0.2 ms of CPU each (pickling, routing), taken from the workers' 2 cores
-IMAGES_PER_TASK = 8
-# glibc mallopt parameters and the values a decoding worker sets (see keep_freed_memory)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-WORKER_MMAP_THRESHOLD = 32 * 2 ** 20  # glibc's largest: buffers up to 32 MB come from the heap
-WORKER_TRIM_THRESHOLD = 128 * 2 ** 20
+IMAGES_PER_CHUNK = 8  # images per message to a decoding worker (one image per message costs the parent more)
+CHUNKS_AHEAD = 2  # chunks a worker holds, so it never waits for the parent between chunks
+RECEIVED_AHEAD = 4  # chunks per worker decoded or queued beyond the one the parent stores next
+OUTPUT_FOLDER_OPTION = "--output-folder (output_folder)"
+CAPTION_JSON_BYTES_PER_ID = 4  # an upper estimate of one encoded word id in the CAPTIONS file ("12, ")
 
 
 @dataclasses.dataclass
@@ -54,21 +50,7 @@ class KarpathyImage:
     image_id: int | str  # cocoid where the JSON has one, else the file name
     sentences: list  # every original sentence, for the REFS file
     captions: list  # the sentences of at most max_len tokens, to sample from
-
-
-def base_name(dataset, captions_per_image, min_word_freq):
-    """The name shared by all output files of one run (the course's `data_name`)."""
-    return f"{dataset}_{captions_per_image}_cap_per_img_{min_word_freq}_min_word_freq"
-
-
-def output_paths(output_folder, base):
-    """{key: path} of every output file; keys are "WORDMAP" and e.g. ("TRAIN", "IMAGES")."""
-    paths = {"WORDMAP": os.path.join(output_folder, f"WORDMAP_{base}.json")}
-    for split in SPLITS:
-        for kind, extension in (("IMAGES", "hdf5"), ("CAPTIONS", "json"), ("CAPLENS", "json"),
-                                ("REFS", "json")):
-            paths[split, kind] = os.path.join(output_folder, f"{split}_{kind}_{base}.{extension}")
-    return paths
+    objects: list | None = None  # [{"words": [...], "box": [x0, y0, x1, y1]}, ...] where the JSON has them
 
 
 # ---------------------------------------------------------------- reading the split file
@@ -118,6 +100,22 @@ def check_karpathy_image(path, index, image, required_keys):
         tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
         if not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens):
             fail("has a sentence without a 'tokens' list of strings")
+    if "objects" in image and not all(is_object(entry) for entry in listed(image["objects"])):
+        fail("has 'objects' that is not a list of {\"words\": [strings], \"box\": [x0, y0, x1, y1] in 0..1}")
+
+
+def listed(value):
+    """`value` if it is a list, else a list holding something no check accepts."""
+    return value if isinstance(value, list) else [None]
+
+
+def is_object(entry):
+    """An object record of the split file: its words and its box in fractions of the image side."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("words"), list) or not isinstance(entry.get("box"), list):
+        return False
+    box = entry["box"]
+    return (all(isinstance(word, str) for word in entry["words"]) and len(box) == 4
+            and all(isinstance(value, (int, float)) and 0 <= value <= 1 for value in box))
 
 
 def image_path(dataset, image_folder, image):
@@ -129,17 +127,32 @@ def image_path(dataset, image_folder, image):
 
 def split_images(karpathy_images, dataset, image_folder, max_len):
     """{split: [KarpathyImage]}: restval joins train; sentences over max_len tokens are dropped and
-    images left with no sentence are skipped, as in the course."""
+    images left with no sentence are skipped, as in the course, with a warning that names them."""
     splits = {split: [] for split in SPLITS}
+    without_sentences, only_long_sentences = [], []
     for image in karpathy_images:
         sentences = [sentence["tokens"] for sentence in image["sentences"]]
         captions = [tokens for tokens in sentences if len(tokens) <= max_len]
-        if captions:
+        if not sentences:
+            without_sentences.append(image["filename"])
+        elif not captions:
+            only_long_sentences.append(image["filename"])
+        else:
             splits[KARPATHY_SPLITS[image["split"]]].append(KarpathyImage(
                 path=image_path(dataset, image_folder, image),
                 image_id=image.get("cocoid", image["filename"]),
-                sentences=sentences, captions=captions))
+                sentences=sentences, captions=captions, objects=image.get("objects")))
+    warn_left_out(without_sentences, "have an empty 'sentences' list")
+    warn_left_out(only_long_sentences, f"have no sentence of at most max_len={max_len} tokens (raise --max-len "
+                                       f"to keep them)")
     return splits
+
+
+def warn_left_out(filenames, reason):
+    if filenames:
+        warnings.warn(f"{len(filenames)} image(s) of the split file {reason} and are left out: "
+                      f"{', '.join(filenames[:MAX_LISTED_FILES])}{', ...' if len(filenames) > MAX_LISTED_FILES else ''}",
+                      stacklevel=3)
 
 
 def check_splits_not_empty(splits, karpathy_json_path, reason, fix):
@@ -170,12 +183,12 @@ def check_no_previous_outputs(paths, overwrite):
 
 def build_word_map(train_images, min_word_freq):
     """Words seen more than min_word_freq times in the train split's kept sentences, ids 1.. in
-    first-seen order, then <unk>, <start>, <end>; <pad> is 0."""
+    first-seen order, then <unk>, <start>, <end>; <pad> is 0. A reserved token in a sentence is no word."""
     word_freq = collections.Counter()
     for image in train_images:
         for tokens in image.captions:
             word_freq.update(tokens)
-    words = [word for word, count in word_freq.items() if count > min_word_freq]
+    words = [word for word, count in word_freq.items() if count > min_word_freq and word not in RESERVED_TOKENS]
     word_map = {word: index + 1 for index, word in enumerate(words)}
     for token in SPECIAL_TOKENS:
         word_map[token] = len(word_map) + 1
@@ -192,109 +205,104 @@ def sample_captions(captions, captions_per_image, rng):
 
 
 def encode_caption(tokens, word_map, max_len):
-    """[<start>] + word ids (<unk> for unknown words) + [<end>] + <pad> up to max_len + 2 ids."""
+    """[<start>] + word ids (<unk> for unknown words and reserved tokens) + [<end>] + <pad> up to max_len + 2 ids."""
     unknown = word_map["<unk>"]
-    return ([word_map["<start>"]] + [word_map.get(word, unknown) for word in tokens] + [word_map["<end>"]]
-            + [word_map["<pad>"]] * (max_len - len(tokens)))
+    word_ids = [unknown if word in RESERVED_TOKENS else word_map.get(word, unknown) for word in tokens]
+    return [word_map["<start>"]] + word_ids + [word_map["<end>"]] + [word_map["<pad>"]] * (max_len - len(tokens))
 
 
 # ---------------------------------------------------------------- images
 
-def to_rgb(image):
-    """Any Pillow mode as RGB; 16- and 32-bit grey is scaled from 0..65535 instead of clipped."""
-    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit PNG/TIFF
-        grey = (np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8)
-        image = Image.fromarray(grey)
-    return image.convert("RGB")
-
-
 def decode_image(path, size):
     """(uint8 array (3, size, size), None), or (None, why the file cannot be decoded)."""
     try:
-        with Image.open(path) as image:
-            image.draft(None, (size, size))  # JPEG: DCT-scale by 1/2..1/8 while both sides stay >= size
-            resized = to_rgb(image).resize((size, size), RESAMPLE)  # squashed to a square, as the course
-    except Exception as error:  # Pillow raises many types (OSError, SyntaxError, ValueError...) for bad files
-        return None, f"{type(error).__name__}: {error}"
-    return np.asarray(resized).transpose(2, 0, 1), None  # (S, S, 3) -> (3, S, S)
+        return load_image(path, size), None
+    except BadImageError as error:
+        return None, error.reason
 
 
-_worker_slots = None  # in a pool worker: the shared pixel buffer (2 * block size, 3, S, S)
-
-
-def keep_freed_memory():
-    """Let glibc reuse freed decode buffers (about 1 MB for a 640 x 480 JPEG) instead of mapping and
-    unmapping fresh pages for every image: a new process starts with a 128 kB mmap threshold, and its
-    decoding measured 1.5 x slower than the same decoding in a long-lived process. No-op without glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD)
-    except (OSError, AttributeError):  # another C library: keep its defaults
-        pass
-
-
-def attach_slots(shared_buffer, image_size):
-    """Pool initializer: view the shared buffer as image slots; Ctrl-C is left to the parent."""
-    global _worker_slots
+def decode_chunks(connection, image_size):
+    """A decoding worker: decode each list of paths the parent sends, send back its list of
+    decode_image results. It leaves Ctrl-C and SIGTERM to the parent, and ends quietly when the
+    parent closes the pipe or is gone (killed)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    keep_freed_memory()
-    _worker_slots = np.frombuffer(shared_buffer, dtype=np.uint8).reshape(-1, 3, image_size, image_size)
-
-
-def decode_into_slot(task):
-    """Pool worker: decode image `path` into shared slot `slot`; return None, or why it cannot be decoded."""
-    path, slot = task
-    pixels, error = decode_image(path, _worker_slots.shape[-1])
-    if pixels is not None:
-        _worker_slots[slot] = pixels
-    return error
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with connection:
+        while True:
+            try:
+                paths = connection.recv()
+                connection.send([decode_image(path, image_size) for path in paths])
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                return
 
 
 def decode_images(images, image_size, workers):
     """Yield (image, pixels (3, S, S) uint8 or None, error) in order, decoded in `workers` processes.
 
-    Pixels come back through shared memory, not pickled through a pipe (measured: ~0.5 ms of the
-    parent's CPU per 256 px image, against ~4 ms to decode a 640 x 480 JPEG, on 2 cores that is
-    most of the lost speedup): blocks of images alternate between two halves of a shared buffer.
-    The next block is queued as soon as its half is free, so the workers never wait for each other
-    at the end of a block; the caller stores one block while the workers decode the next. A yielded
-    array is valid until the next one is requested.
+    Chunks of IMAGES_PER_CHUNK images go to whichever worker has fewer than CHUNKS_AHEAD of them,
+    results are taken from whichever worker has them ready (a worker never waits with a finished
+    chunk for its turn) and yielded in chunk order: the same order, so the same bytes, as one worker.
+    At most RECEIVED_AHEAD chunks per worker are sent ahead of the one yielded next, bounding memory.
     """
     if workers == 1:
         for image in images:
             yield image, *decode_image(image.path, image_size)
         return
+    chunks = [images[start:start + IMAGES_PER_CHUNK] for start in range(0, len(images), IMAGES_PER_CHUNK)]
     context = multiprocessing.get_context("forkserver")  # safe when the parent has imported torch
-    # the fork server imports this module once (when the working directory can import it), so the
-    # workers of later pools in this process fork from it ready to go instead of importing it again
-    context.set_forkserver_preload([__name__])
-    block_size = BLOCK_IMAGES_PER_WORKER * workers
-    shared_buffer = context.RawArray("B", 2 * block_size * 3 * image_size * image_size)  # 25 MB for 2 x 256 px
-    slots = np.frombuffer(shared_buffer, dtype=np.uint8).reshape(2, block_size, 3, image_size, image_size)
-    blocks = [images[start:start + block_size] for start in range(0, len(images), block_size)]
-    with context.Pool(workers, initializer=attach_slots, initargs=(shared_buffer, image_size)) as pool:
-        def queue(number):
-            """Start decoding block `number` into its half of the buffer; None past the last block."""
-            if number == len(blocks):
-                return None
-            tasks = [(image.path, number % 2 * block_size + offset) for offset, image in enumerate(blocks[number])]
-            return pool.map_async(decode_into_slot, tasks, chunksize=IMAGES_PER_TASK)
+    context.set_forkserver_preload([__name__])  # the workers fork from a server that imported this module
+    pipes = [context.Pipe() for _ in range(workers)]
+    processes = [context.Process(target=decode_chunks, args=(child, image_size), daemon=True) for _, child in pipes]
+    connections = [parent for parent, _ in pipes]
+    sent = [collections.deque() for _ in range(workers)]  # per worker: numbers of the chunks it holds, oldest first
+    received = {}  # chunk number -> its results, until yielded
+    next_to_send = 0
 
-        decoding = queue(0)
-        for number, block in enumerate(blocks):
-            # the caller is done with block number - 1: its half takes block number + 1
-            queued = queue(number + 1)
-            errors = decoding.get()
-            for offset, (image, error) in enumerate(zip(block, errors)):
-                yield image, None if error else slots[number % 2, offset], error
-            decoding = queued
+    def top_up(next_to_yield):
+        """Give every worker holding fewer than CHUNKS_AHEAD chunks the next ones, within the memory bound."""
+        nonlocal next_to_send
+        last = min(len(chunks), next_to_yield + RECEIVED_AHEAD * workers)
+        for worker, connection in enumerate(connections):
+            while len(sent[worker]) < CHUNKS_AHEAD and next_to_send < last:
+                connection.send([image.path for image in chunks[next_to_send]])
+                sent[worker].append(next_to_send)
+                next_to_send += 1
+
+    def receive(next_to_yield, timeout):
+        """Take the results of every worker that has some ready, waiting up to `timeout` s (None: until one has)."""
+        for connection in multiprocessing.connection.wait(connections, timeout):
+            received[sent[connections.index(connection)].popleft()] = connection.recv()
+        top_up(next_to_yield)
+
+    try:
+        for process, (_, child) in zip(processes, pipes):
+            process.start()
+            child.close()
+        top_up(0)
+        for number, chunk in enumerate(chunks):
+            receive(number, timeout=0)
+            while number not in received:
+                receive(number, timeout=None)
+            for image, (pixels, error) in zip(chunk, received.pop(number)):
+                yield image, pixels, error
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # a worker is gone: killed, out of memory...
+        exit_codes = [process.exitcode for process in processes if not process.is_alive()]
+        raise ToolkitError(f"an image decoding worker process ended unexpectedly (exit codes {exit_codes}); if the "
+                           f"machine ran out of memory, pass fewer --workers (--workers 1 decodes in the main "
+                           f"process)") from None
+    finally:  # done, failed or interrupted: the workers have nothing left to finish
+        for connection in connections:
+            connection.close()
+        for process in processes:
+            if process.pid is not None:
+                process.kill()
+                process.join()
 
 
 def write_split_images(split, decoded, images, image_size, captions_per_image, h5_path, skip_bad_images):
     """Store one split's decoded images in order; return the images kept (bad ones skipped)."""
     kept = []
-    with h5py.File(h5_path, "w") as h5:
+    with new_hdf5_file(h5_path) as h5:
         h5.attrs["captions_per_image"] = captions_per_image
         # chunk = one image, so reading one stays one read; resizable because bad images may be skipped
         stored = h5.create_dataset("images", shape=(len(images), 3, image_size, image_size),
@@ -306,7 +314,7 @@ def write_split_images(split, decoded, images, image_size, captions_per_image, h
                 continue
             # one image is one chunk: write it as is, bypassing h5py's selection and chunk-cache copies
             # (several times cheaper, and this loop is the serial part that limits the workers' speedup)
-            stored.id.write_direct_chunk((len(kept), 0, 0, 0), np.ascontiguousarray(pixels))
+            stored.id.write_direct_chunk((len(kept), 0, 0, 0), pixels)  # load_image gives C-contiguous pixels
             kept.append(image)
         stored.resize(len(kept), axis=0)
     return kept
@@ -326,17 +334,31 @@ def write_json(path, value):
         file.write(json.dumps(value))  # json.dumps uses the C encoder; json.dump does not
 
 
-def write_split_captions(images, word_map, captions_per_image, max_len, rng, split_paths):
-    """Write the CAPTIONS, CAPLENS and REFS files of one split; image i owns captions i*cpi..i*cpi+cpi-1."""
+def split_caption_files(images, word_map, captions_per_image, max_len, rng):
+    """{"CAPTIONS", "CAPLENS", "REFS"}: the JSON values of one split; image i owns captions i*cpi..i*cpi+cpi-1,
+    and its REFS entry carries its "objects" when the split file has them."""
     encoded, lengths = [], []
     for image in images:
         for tokens in sample_captions(image.captions, captions_per_image, rng):
             encoded.append(encode_caption(tokens, word_map, max_len))
             lengths.append(len(tokens) + 2)
-    references = [{"image_id": image.image_id, "references": image.sentences} for image in images]
-    write_json(split_paths["CAPTIONS"], encoded)
-    write_json(split_paths["CAPLENS"], lengths)
-    write_json(split_paths["REFS"], references)
+    references = [reference_entry(image) for image in images]
+    return {"CAPTIONS": encoded, "CAPLENS": lengths, "REFS": references}
+
+
+def reference_entry(image):
+    entry = {"image_id": image.image_id, "references": image.sentences}
+    if image.objects is not None:
+        entry["objects"] = image.objects
+    return entry
+
+
+def needed_bytes(image_count, image_size, captions_per_image, max_len, karpathy_json_path):
+    """An upper estimate of the bytes written: the images, the encoded captions, and REFS plus the word map
+    (smaller than the split file they come from)."""
+    images = image_count * 3 * image_size * image_size
+    captions = image_count * captions_per_image * (max_len + 2) * CAPTION_JSON_BYTES_PER_ID
+    return images + captions + os.path.getsize(karpathy_json_path)
 
 
 def check_options(dataset, captions_per_image, min_word_freq, max_len, image_size, workers):
@@ -356,6 +378,8 @@ def create_input_files(dataset, karpathy_json_path, image_folder, captions_per_i
     """Write the HDF5/JSON files of the course (plus REFS) for a Karpathy split; return a summary dict
     {"data_name", "images": {split: n}, "captions", "vocab_size", "bytes_written", "skipped"}."""
     check_options(dataset, captions_per_image, min_word_freq, max_len, image_size, workers)
+    check_writable_folder(output_folder, OUTPUT_FOLDER_OPTION)
+    remove_stale_temp_files(output_folder)
     workers = workers or os.cpu_count()
     splits = split_images(load_karpathy_json(karpathy_json_path, dataset), dataset, image_folder, max_len)
     check_splits_not_empty(splits, karpathy_json_path, f"with a sentence of at most max_len={max_len} tokens",
@@ -364,22 +388,30 @@ def create_input_files(dataset, karpathy_json_path, image_folder, captions_per_i
     base = base_name(dataset, captions_per_image, min_word_freq)
     paths = output_paths(output_folder, base)
     check_no_previous_outputs(paths, overwrite)
+    all_images = [image for split in SPLITS for image in splits[split]]
+    check_free_space(output_folder, needed_bytes(len(all_images), image_size, captions_per_image, max_len,
+                                                 karpathy_json_path), f"the {len(all_images)} images and captions")
 
     with contextlib.ExitStack() as outputs:  # every file under a temporary name until all succeeded
-        tmp = {key: outputs.enter_context(atomic_path(path)) for key, path in paths.items()}
-        all_images = [image for split in SPLITS for image in splits[split]]
+        def staged(key, size=None):
+            """A temporary path for output `key`, renamed with the others once all are written. Each file is
+            staged just before it is written, so a full disk is reported for the file being written."""
+            return outputs.enter_context(atomic_path(paths[key], needed_bytes=size))
+
         with contextlib.closing(decode_images(all_images, image_size, workers)) as decoded:
             kept = {split: write_split_images(split, itertools.islice(decoded, len(splits[split])), splits[split],
-                                              image_size, captions_per_image, tmp[split, "IMAGES"], skip_bad_images)
+                                              image_size, captions_per_image,
+                                              staged((split, "IMAGES"), len(splits[split]) * 3 * image_size ** 2),
+                                              skip_bad_images)
                     for split in SPLITS}
         check_splits_not_empty(kept, karpathy_json_path, "left after skipping bad images",
                                "replace the bad images listed in the warnings")
         word_map = build_word_map(kept["TRAIN"], min_word_freq)
-        write_json(tmp["WORDMAP"], word_map)
+        write_json(staged("WORDMAP"), word_map)
         rng = random.Random(CAPTION_SEED)
         for split in SPLITS:
-            write_split_captions(kept[split], word_map, captions_per_image, max_len, rng,
-                                 {kind: tmp[split, kind] for kind in ("CAPTIONS", "CAPLENS", "REFS")})
+            for kind, value in split_caption_files(kept[split], word_map, captions_per_image, max_len, rng).items():
+                write_json(staged((split, kind)), value)
     images_per_split = {split: len(images) for split, images in kept.items()}
     return {"data_name": base, "images": images_per_split,
             "captions": sum(images_per_split.values()) * captions_per_image, "vocab_size": len(word_map),
@@ -425,7 +457,8 @@ def make_shapes_inputs(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.dataset == "shapes":  # refuse existing outputs before spending time on the images
+    if args.dataset == "shapes":  # refuse a bad output folder or existing outputs before making the images
+        check_writable_folder(args.output_folder, OUTPUT_FOLDER_OPTION)
         check_no_previous_outputs(output_paths(args.output_folder, base_name(
             args.dataset, args.captions_per_image, args.min_word_freq)), args.overwrite)
         karpathy_json, image_folder = make_shapes_inputs(args)

@@ -1,7 +1,8 @@
-"""PyTorch datasets over the files of create_input_files.py, and the helpers that locate and read them."""
+"""PyTorch datasets over the files of create_input_files.py, and the helpers that check and read them
+(data_files.py names them)."""
+import contextlib
 import json
 import os
-import re
 import typing
 
 import h5py
@@ -9,13 +10,13 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from create_input_files import SPLITS, output_paths
+from data_files import SPLITS, check_split, creation_command, data_paths, wordmap_path
 from utils import ToolkitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DATA_NAME = re.compile(r"(?P<dataset>.+)_(?P<cpi>\d+)_cap_per_img_(?P<min_word_freq>\d+)_min_word_freq")
 NOT_WORDS = ("<start>", "<end>", "<pad>")  # dropped when a caption is decoded back to tokens
+WORD_MAP_TOKENS = ("<start>", "<end>", "<unk>", "<pad>")  # every word map must hold these
 
 
 def normalize_images(images):
@@ -25,35 +26,6 @@ def normalize_images(images):
 
 
 # ---------------------------------------------------------------- files
-
-def data_paths(data_folder, data_name, split):
-    """{"images", "captions", "caplens", "refs"}: the paths of one split's files."""
-    split = check_split(split)
-    paths = output_paths(data_folder, data_name)
-    return {kind.lower(): paths[split, kind] for kind in ("IMAGES", "CAPTIONS", "CAPLENS", "REFS")}
-
-
-def wordmap_path(data_folder, data_name):
-    return output_paths(data_folder, data_name)["WORDMAP"]
-
-
-def creation_command(data_folder, data_name):
-    """The create_input_files.py command line that writes `data_name` into `data_folder`."""
-    match = DATA_NAME.fullmatch(data_name)
-    if not match:
-        return (f"python create_input_files.py --dataset DATASET ... --output-folder {data_folder} "
-                f"(data names look like coco_5_cap_per_img_5_min_word_freq)")
-    dataset = match["dataset"]
-    inputs = "" if dataset == "shapes" else " --karpathy-json PATH --image-folder DIR"
-    return (f"python create_input_files.py --dataset {dataset}{inputs} --output-folder {data_folder} "
-            f"--captions-per-image {match['cpi']} --min-word-freq {match['min_word_freq']}")
-
-
-def check_split(split):
-    if split not in SPLITS:
-        raise ToolkitError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    return split
-
 
 def check_data_files(data_folder, data_name, splits=SPLITS):
     """Raise a ToolkitError naming the first missing file (word map, images, captions, caplens) and the
@@ -81,29 +53,52 @@ def read_json(path, data_folder, data_name):
                            f"`{creation_command(data_folder, data_name)} --overwrite`") from None
 
 
-def read_images_header(path, data_folder, data_name):
-    """(captions_per_image, number of images) of an IMAGES HDF5 file."""
+@contextlib.contextmanager
+def opened_images_file(path, data_folder, data_name):
+    """Yield the h5py dataset `images` of an IMAGES file, open for reading; a missing, truncated or foreign
+    file (or one without that dataset) is a ToolkitError naming it and the command that recreates it."""
     try:
         with h5py.File(path, "r") as h5:
-            return int(h5.attrs["captions_per_image"]), len(h5["images"])
+            yield h5["images"]
     except FileNotFoundError:
         raise ToolkitError(f"data file {path!r} does not exist; create it with "
                            f"`{creation_command(data_folder, data_name)}`") from None
     except (OSError, KeyError) as error:
-        raise ToolkitError(f"{path!r} is not an images file of create_input_files.py ({error}); recreate it "
-                           f"with `{creation_command(data_folder, data_name)} --overwrite`") from None
+        raise ToolkitError(f"{path!r} is not an images file of create_input_files.py, or it is truncated "
+                           f"({error}); recreate it with `{creation_command(data_folder, data_name)} "
+                           f"--overwrite`") from None
+
+
+def read_images_header(path, data_folder, data_name):
+    """(captions_per_image, number of images) of an IMAGES HDF5 file."""
+    with opened_images_file(path, data_folder, data_name) as images:
+        return int(images.file.attrs["captions_per_image"]), len(images)
 
 
 def load_word_map(data_folder, data_name):
-    """{word: id} of WORDMAP_<data_name>.json."""
-    return read_json(wordmap_path(data_folder, data_name), data_folder, data_name)
+    """{word: id} of WORDMAP_<data_name>.json, refused unless it is an object holding every special token."""
+    path = wordmap_path(data_folder, data_name)
+    word_map = read_json(path, data_folder, data_name)
+    fix = f"recreate it with `{creation_command(data_folder, data_name)} --overwrite`"
+    if not isinstance(word_map, dict):
+        raise ToolkitError(f"word map {path!r} holds a JSON {type(word_map).__name__}, not an object "
+                           f"{{word: id}}; {fix}")
+    missing = [token for token in WORD_MAP_TOKENS if token not in word_map]
+    if missing:
+        raise ToolkitError(f"word map {path!r} lacks the special token(s) {', '.join(missing)}; {fix}")
+    not_ids = [word for word, index in word_map.items() if not isinstance(index, int) or isinstance(index, bool)]
+    if not_ids:
+        raise ToolkitError(f"word map {path!r} maps {not_ids[0]!r} to {word_map[not_ids[0]]!r}, not an integer "
+                           f"id; {fix}")
+    return word_map
 
 
 class References(typing.NamedTuple):
-    """Per image of a split, in HDF5 order: its id and its reference sentences as token lists."""
+    """Per image of a split, in HDF5 order: its id, its reference sentences as token lists, and its objects."""
     image_ids: list  # cocoid or file name; the HDF5 index when `fallback`
     references: list  # [[tokens, ...], ...]
     fallback: bool  # True: no REFS file (course-made folder), references decoded from the sampled captions
+    objects: list  # per image [{"words": [...], "box": [x0, y0, x1, y1]}, ...], or None where the data has none
 
 
 def load_references(data_folder, data_name, split, word_map):
@@ -112,14 +107,14 @@ def load_references(data_folder, data_name, split, word_map):
     paths = data_paths(data_folder, data_name, split)
     if os.path.isfile(paths["refs"]):
         entries = read_json(paths["refs"], data_folder, data_name)
-        return References([entry["image_id"] for entry in entries],
-                          [entry["references"] for entry in entries], fallback=False)
+        return References([entry["image_id"] for entry in entries], [entry["references"] for entry in entries],
+                          fallback=False, objects=[entry.get("objects") for entry in entries])
     captions_per_image, _ = read_images_header(paths["images"], data_folder, data_name)
     words = {index: word for word, index in word_map.items()}
     captions = [[words[index] for index in caption if words[index] not in NOT_WORDS]
                 for caption in read_json(paths["captions"], data_folder, data_name)]
     references = [captions[start:start + captions_per_image] for start in range(0, len(captions), captions_per_image)]
-    return References(list(range(len(references))), references, fallback=True)
+    return References(list(range(len(references))), references, fallback=True, objects=[None] * len(references))
 
 
 # ---------------------------------------------------------------- datasets

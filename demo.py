@@ -32,8 +32,8 @@ import h5py  # noqa: E402
 import torch  # noqa: E402  (after the environment variable above, as are the modules that import torch)
 
 import solver  # noqa: E402
-from create_input_files import SPLITS, create_input_files  # noqa: E402
-from datasets import data_paths, wordmap_path  # noqa: E402
+from create_input_files import create_input_files  # noqa: E402
+from data_files import SPLITS, data_paths, wordmap_path  # noqa: E402
 from figures import plot_history  # noqa: E402
 from shapes import make_shapes_dataset  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402

@@ -3,30 +3,28 @@
 A cache file holds the dataset `features` (N, P, C) float16 and the attribute `fingerprint`, a hash
 of the encoder's weights and configuration and of the image file it was computed from. It is
 written under a temporary name and renamed when complete, so a partial cache is never read, and a
-cache whose fingerprint differs from the current encoder and data is rebuilt.
+cache whose fingerprint differs from the current encoder and data is rebuilt. A cache damaged after
+it was built is rebuilt too, as far as a sample of its rows shows it (non-finite or all-zero rows);
+an encoder whose features are non-finite or all zero is refused while the cache is built.
 """
 import hashlib
 import os
-import shutil
 
 import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from datasets import ImageCaptionsDataset, data_paths, normalize_images
-from utils import ToolkitError, atomic_path
+from data_files import data_paths, feature_cache_path, new_hdf5_file
+from datasets import ImageCaptionsDataset, normalize_images, opened_images_file
+from utils import ToolkitError, atomic_path, check_free_space, format_bytes, remove_stale_temp_files
 
 CACHE_FORMAT = "features/1"
 DISK_MARGIN_BYTES = 1 << 30  # leave 1 GiB free
+CHECKED_ROWS = 32  # rows of a cache checked on every open, evenly spread from the first to the last
 
 
-def cache_path(cache_folder, data_name, split, backbone):
-    """Where the feature cache of one split and backbone lives."""
-    return os.path.join(cache_folder, f"{split}_FEATURES_{data_name}_{backbone}.hdf5")
-
-
-def encoder_fingerprint(encoder, images_path):
+def encoder_fingerprint(encoder, images_path, data_folder, data_name):
     """Hash of everything the cached features depend on: encoder weights and grid, and the images."""
     digest = hashlib.sha256(CACHE_FORMAT.encode())
     digest.update(f"{encoder.backbone_name}|{encoder.encoded_image_size}".encode())
@@ -34,20 +32,39 @@ def encoder_fingerprint(encoder, images_path):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     stat = os.stat(images_path)
-    with h5py.File(images_path, "r") as h5:
-        digest.update(f"{stat.st_size}|{stat.st_mtime_ns}|{h5['images'].shape}".encode())
+    with opened_images_file(images_path, data_folder, data_name) as images:
+        digest.update(f"{stat.st_size}|{stat.st_mtime_ns}|{images.shape}".encode())
     return digest.hexdigest()
 
 
-def cache_is_valid(path, fingerprint):
-    """True when `path` is a complete cache made with exactly this fingerprint."""
+def first_bad_row(rows):
+    """(index, what is wrong) of the first unusable image in a batch of features (B, P, C); None if all are
+    usable. Unusable: a non-finite value, or features that are all zero."""
+    flat = np.asarray(rows).reshape(len(rows), -1)  # (B, P * C)
+    non_finite = ~np.isfinite(flat).all(axis=1)
+    if non_finite.any():
+        return int(np.argmax(non_finite)), "not finite (inf or NaN)"
+    all_zero = ~flat.any(axis=1)
+    if all_zero.any():
+        return int(np.argmax(all_zero)), "all zero"
+    return None
+
+
+def cache_problem(path, fingerprint):
+    """None when `path` is a complete cache made with exactly this fingerprint whose checked rows are sound;
+    else why it must be (re)built."""
     if not os.path.isfile(path):
-        return False
+        return "it does not exist"
     try:
         with h5py.File(path, "r") as h5:
-            return h5.attrs.get("fingerprint") == fingerprint and "features" in h5
-    except OSError:  # a foreign or damaged file: rebuild it
-        return False
+            if h5.attrs.get("fingerprint") != fingerprint or "features" not in h5:
+                return "it was made from other weights or data, or is incomplete"
+            features = h5["features"]
+            checked = np.unique(np.linspace(0, len(features) - 1, min(CHECKED_ROWS, len(features))).astype(int))
+            bad = first_bad_row(features[checked])  # h5py reads the rows in one selection
+    except OSError as error:  # a foreign or damaged file: rebuild it
+        return f"it cannot be read ({error})"
+    return None if bad is None else f"it is damaged: the features of image {checked[bad[0]]} are {bad[1]}"
 
 
 def feature_shape(encoder, image_size, device):
@@ -58,25 +75,18 @@ def feature_shape(encoder, image_size, device):
     return grid.shape[1] * grid.shape[2], grid.shape[3]
 
 
-def check_disk_space(folder, needed_bytes):
-    """Refuse, with the sizes and the ways out, when the cache would not fit on the disk."""
-    free = shutil.disk_usage(folder).free
-    if needed_bytes + DISK_MARGIN_BYTES > free:
-        raise ToolkitError(
-            f"the feature cache needs {needed_bytes / 1e9:.1f} GB but {folder!r} has only "
-            f"{free / 1e9:.1f} GB free; free some space, point cfg['cache_folder'] (--cache-folder) at a "
-            f"larger disk, or train without the cache (cfg['feature_cache'] = False, --no-feature-cache)")
-
-
 def ensure_feature_cache(encoder, data_folder, data_name, split, cache_folder=None, batch_size=32,
                          workers=0, device="cpu"):
     """Return the path of a valid feature cache for `split`, building it first when needed."""
     cache_folder = cache_folder or data_folder
     images_path = data_paths(data_folder, data_name, split)["images"]
-    path = cache_path(cache_folder, data_name, split, encoder.backbone_name)
-    fingerprint = encoder_fingerprint(encoder, images_path)
-    if cache_is_valid(path, fingerprint):
+    path = feature_cache_path(cache_folder, data_name, split, encoder.backbone_name)
+    fingerprint = encoder_fingerprint(encoder, images_path, data_folder, data_name)
+    problem = cache_problem(path, fingerprint)
+    if problem is None:
         return path
+    if os.path.exists(path):
+        print(f"Rebuilding the feature cache {path!r}: {problem}")
     build_feature_cache(encoder, data_folder, data_name, split, path, fingerprint, batch_size, workers, device)
     return path
 
@@ -90,12 +100,16 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
     positions, channels = feature_shape(encoder, image_size, device)
     needed = len(dataset) * positions * channels * 2
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temp_files(os.path.dirname(os.path.abspath(path)))  # a killed build's leftover counts as used space
     print(f"Caching {split} features of {encoder.backbone_name}: {len(dataset)} images x {positions} x "
-          f"{channels} float16 = {needed / 1e9:.2f} GB in {path}")
-    check_disk_space(os.path.dirname(os.path.abspath(path)), needed)
+          f"{channels} float16 = {format_bytes(needed)} in {path}")
+    check_free_space(os.path.dirname(os.path.abspath(path)), needed, f"the {split} feature cache",
+                     margin_bytes=DISK_MARGIN_BYTES,
+                     fix="free some space, point cfg['cache_folder'] (--cache-folder) at a larger disk, or train "
+                         "without the cache (cfg['feature_cache'] = False, --no-feature-cache)")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=torch.device(device).type == "cuda")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_path(path, needed_bytes=needed) as tmp, new_hdf5_file(tmp) as h5:
         features = h5.create_dataset("features", (len(dataset), positions, channels), dtype="float16",
                                      chunks=(1, positions, channels))
         start = 0
@@ -103,12 +117,26 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
             for images, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
                 grid = encoder(normalize_images(images.to(device)))  # (B, G, G, C)
                 batch = grid.reshape(grid.size(0), positions, channels).half().cpu().numpy()
+                check_encoded(batch, start, encoder.backbone_name, split)
                 features[start:start + len(batch)] = batch
                 start += len(batch)
         h5.attrs["fingerprint"] = fingerprint
         h5.attrs["backbone"] = encoder.backbone_name
     encoder.train(was_training)
     return path
+
+
+def check_encoded(batch, start, backbone, split):
+    """Refuse a batch of freshly encoded features (B, P, C) float16 with a non-finite or all-zero row: the
+    encoder, not the training, is at fault."""
+    bad = first_bad_row(batch)
+    if bad is not None:
+        raise ToolkitError(
+            f"the frozen {backbone} encoder gives unusable features: those of {split} image {start + bad[0]} are "
+            f"{bad[1]} in float16. A randomly initialised backbone "
+            f"(encoder_weights None) with default BatchNorm statistics overflows: use pretrained weights "
+            f"(cfg['encoder_weights'] = 'IMAGENET1K_V1', --encoder-weights IMAGENET1K_V1), or fine-tune the "
+            f"encoder (which trains without the cache)")
 
 
 def read_features(path, index):

@@ -1,10 +1,15 @@
 """create_input_files: the course's files (plus REFS) from a Karpathy split, and its bad-input errors."""
 import collections
 import json
+import multiprocessing
 import os
 import re
+import resource
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import h5py
@@ -13,7 +18,10 @@ import pytest
 from PIL import Image
 
 import create_input_files as cif
-from create_input_files import SPLITS, create_input_files
+import images
+from create_input_files import create_input_files
+from data_files import SPLITS
+import utils
 from fixtures import write_tiny_karpathy
 from utils import ToolkitError
 
@@ -162,12 +170,6 @@ def test_images_of_every_mode_become_rgb_resized_with_pillow(made, source):
             assert (pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all()
 
 
-def test_to_rgb_scales_16_bit_grey_and_converts_cmyk():
-    grey16 = Image.fromarray(np.full((2, 2), 40000, dtype=np.uint16))
-    assert tuple(np.asarray(cif.to_rgb(grey16))[0, 0]) == (156, 156, 156)  # 40000 / 256
-    assert tuple(np.asarray(cif.to_rgb(Image.new("CMYK", (2, 2), (0, 255, 255, 0))))[0, 0]) == (255, 0, 0)
-
-
 def test_large_jpeg_decoded_at_reduced_scale_keeps_quality(tmp_path):
     gradient = np.linspace(0, 255, 1024, dtype=np.float32)
     pixels = np.stack(np.broadcast_arrays(gradient[None, :], gradient[:768, None], 128 + 0 * gradient[None, :]), -1)
@@ -175,7 +177,7 @@ def test_large_jpeg_decoded_at_reduced_scale_keeps_quality(tmp_path):
     Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
     drafted, error = cif.decode_image(path, 256)
     with Image.open(path) as image:  # full-scale decode, same resize
-        full = np.asarray(image.convert("RGB").resize((256, 256), cif.RESAMPLE)).transpose(2, 0, 1)
+        full = np.asarray(image.convert("RGB").resize((256, 256), images.RESAMPLE)).transpose(2, 0, 1)
     assert error is None and drafted.shape == (3, 256, 256)
     mse = np.mean((drafted.astype(float) - full) ** 2)
     assert 10 * np.log10(255 ** 2 / max(mse, 1e-9)) > 40  # PSNR in dB
@@ -190,8 +192,7 @@ def same_files(folder, other_folder):
 
 
 def test_two_workers_write_the_same_bytes_as_one(made, source, tmp_path, monkeypatch):
-    monkeypatch.setattr(cif, "BLOCK_IMAGES_PER_WORKER", 2)  # 12 images: 3 blocks; the third is queued into
-    # the first one's half of the buffer while the second decodes, once the first is written
+    monkeypatch.setattr(cif, "IMAGES_PER_CHUNK", 1)  # 12 images: 12 chunks, more than the workers hold at once
     make_files(*source, str(tmp_path), workers=2)
     same_files(made[0], str(tmp_path))
 
@@ -202,7 +203,8 @@ def test_images_left_without_a_short_enough_sentence_are_skipped(own_source, tmp
         for sentence in data["images"][0]["sentences"]:
             sentence["tokens"] += ["very"] * MAX_LEN
     edit_json(json_path, lengthen_first_train_image)
-    summary = make_files(json_path, image_folder, str(tmp_path / "out"))
+    with pytest.warns(UserWarning, match=r"1 image\(s\) .* no sentence of at most max_len=8 tokens .*: 0000_RGB.jpg"):
+        summary = make_files(json_path, image_folder, str(tmp_path / "out"))
     assert summary["images"]["TRAIN"] == 3
     refs = read(str(tmp_path / "out"), "REFS", "TRAIN")
     assert [entry["image_id"] for entry in refs] == [r["filename"] for r in karpathy_records(json_path, "TRAIN")[1:]]
@@ -300,7 +302,7 @@ def test_skip_bad_images_skips_and_counts_them(own_source, tmp_path, monkeypatch
     assert images.shape[0] == 3 and len(read(str(tmp_path / "one"), "CAPTIONS", "VAL")) == 3 * CPI
     ids = [entry["image_id"] for split in SPLITS for entry in read(str(tmp_path / "one"), "REFS", split)]
     assert len(ids) == 10 and not set(bad) & set(ids)
-    monkeypatch.setattr(cif, "BLOCK_IMAGES_PER_WORKER", 1)
+    monkeypatch.setattr(cif, "IMAGES_PER_CHUNK", 1)
     with pytest.warns(UserWarning):
         make_files(json_path, image_folder, str(tmp_path / "two"), skip_bad_images=True, workers=2)
     same_files(str(tmp_path / "one"), str(tmp_path / "two"))
@@ -354,3 +356,232 @@ def test_command_line_error_has_no_traceback_and_exits_non_zero(own_source, tmp_
     assert "error:" in result.stderr and "dataset_flickr8k.json" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+
+# ---------------------------------------------------------------- reliability (issue 11)
+
+def folder_bytes(folder):
+    """{file name: bytes} of a folder."""
+    contents = {}
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as file:
+            contents[name] = file.read()
+    return contents
+
+
+def temp_files(folder):
+    return [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+def command_args(json_path, image_folder, output_folder, *extra):
+    return ["--dataset", "flickr8k", "--karpathy-json", json_path, "--image-folder", image_folder,
+            "--output-folder", str(output_folder), "--captions-per-image", str(CPI), "--min-word-freq", str(MIN_FREQ),
+            "--max-len", str(MAX_LEN), "--image-size", str(SIZE), *extra]
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: "), result.stderr  # after any progress bar
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def run_limited(*args, file_size_limit):
+    """The command line in a process whose files may not grow past `file_size_limit` bytes: writes past it
+    fail with EFBIG, as on a full disk (SIGXFSZ ignored, so the write fails instead of killing the process)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    return subprocess.run([sys.executable, os.path.join(REPO, "create_input_files.py"), *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=120, preexec_fn=limit)
+
+
+def output_folder_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    return tmp_path / "taken", "is a file"
+
+
+def output_folder_under_a_file(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    return tmp_path / "taken" / "out", "not writable"
+
+
+def output_folder_read_only(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    (tmp_path / "locked").mkdir(mode=0o555)
+    return tmp_path / "locked", "not writable"
+
+
+@pytest.mark.parametrize("bad_folder", [output_folder_is_a_file, output_folder_under_a_file, output_folder_read_only])
+def test_an_unwritable_output_folder_is_refused_before_any_work(source, tmp_path, monkeypatch, bad_folder):
+    folder, problem = bad_folder(tmp_path)
+    monkeypatch.setattr(cif, "load_karpathy_json", lambda *args: pytest.fail("work started"))
+    with pytest.raises(ToolkitError, match=f"--output-folder.*{re.escape(repr(str(folder)))}.*{problem}"):
+        make_files(*source, str(folder))
+    result = run_command("--dataset", "shapes", "--output-folder", str(folder), "--shapes-train", "2")
+    assert_clean_error(result, str(folder), problem)
+    assert "shapes images" not in result.stderr  # refused before the shapes were generated
+
+
+def test_too_little_free_space_is_refused_before_any_work(source, tmp_path, monkeypatch):
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(cif, "decode_images", lambda *args: pytest.fail("work started"))
+    monkeypatch.setattr(utils.shutil, "disk_usage", lambda folder: usage(10 ** 9, 10 ** 9 - 5000, 5000))
+    with pytest.raises(ToolkitError, match=r"the 12 images and captions needs .* but .*out.* has only 5\.0 kB free"):
+        make_files(*source, str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_full_disk_while_writing_images_names_the_file_and_keeps_the_earlier_files(made, source, tmp_path):
+    shutil.copytree(made[0], tmp_path / "out")
+    before = folder_bytes(tmp_path / "out")
+    result = run_limited(*command_args(*source, tmp_path / "out", "--overwrite", "--workers", "1"),
+                         file_size_limit=8000)  # below one split's 4 x 3 x 32 x 32 bytes of images
+    images_needed = utils.format_bytes(4 * 3 * SIZE * SIZE)
+    assert_clean_error(result, "the disk is full", f"TRAIN_IMAGES_{BASE}.hdf5", f"needs about {images_needed}")
+    assert folder_bytes(tmp_path / "out") == before  # the earlier run's files, intact; no temporary file
+
+
+def test_images_with_an_empty_sentences_list_are_named_in_a_warning(own_source, tmp_path):
+    json_path, image_folder = own_source
+    def empty_two(data):
+        data["images"][0]["sentences"] = []
+        data["images"][5]["sentences"] = []
+    edit_json(json_path, empty_two)
+    with pytest.warns(UserWarning, match=r"2 image\(s\) .* empty 'sentences' list .*: 0000_RGB.jpg, 0005_I16.png"):
+        summary = make_files(json_path, image_folder, str(tmp_path / "out"))
+    assert summary["images"] == {"TRAIN": 3, "VAL": 3, "TEST": 4}
+
+
+def test_reserved_tokens_in_sentences_are_encoded_as_unk(own_source, tmp_path):
+    json_path, image_folder = own_source
+    reserved = ["<unk>", "<start>", "<end>", "<pad>"]
+    def add_reserved_tokens(data):
+        for image in data["images"]:
+            for sentence in image["sentences"]:
+                sentence["tokens"] = reserved + sentence["tokens"][:MAX_LEN - len(reserved)]
+    edit_json(json_path, add_reserved_tokens)
+    make_files(json_path, image_folder, str(tmp_path / "out"))
+    word_map = read(str(tmp_path / "out"), "WORDMAP")
+    assert sorted(word_map.values()) == list(range(len(word_map)))  # no two tokens share an id
+    assert word_map["<pad>"] == 0 and [word_map[token] for token in reserved[:3]] == \
+        [len(word_map) - 3, len(word_map) - 2, len(word_map) - 1]
+    unknown = word_map["<unk>"]
+    for caption in read(str(tmp_path / "out"), "CAPTIONS", "TRAIN"):
+        assert caption[:5] == [word_map["<start>"], unknown, unknown, unknown, unknown]
+    refs = read(str(tmp_path / "out"), "REFS", "TRAIN")
+    assert refs[0]["references"][0][:4] == reserved  # the references keep the original tokens
+
+
+def test_objects_of_the_split_file_are_carried_into_refs(own_source, tmp_path):
+    json_path, image_folder = own_source
+    objects = [{"words": ["small", "red", "circle"], "box": [0.1, 0.2, 0.35, 0.5]},
+               {"words": ["big", "blue", "square"], "box": [0.5, 0, 1, 1]}]
+    edit_json(json_path, lambda data: data["images"][6].update(objects=objects))  # the third VAL image
+    make_files(json_path, image_folder, str(tmp_path / "out"))
+    refs = read(str(tmp_path / "out"), "REFS", "VAL")
+    assert refs[2]["objects"] == objects and all("objects" not in entry for index, entry in enumerate(refs) if index != 2)
+
+
+@pytest.mark.parametrize("objects", ["a circle", [{"words": ["red"], "box": [0, 0, 2, 1]}], [{"box": [0, 0, 1, 1]}]])
+def test_malformed_objects_are_refused(own_source, tmp_path, objects):
+    json_path, image_folder = own_source
+    edit_json(json_path, lambda data: data["images"][3].update(objects=objects))
+    with pytest.raises(ToolkitError, match=r"image 3 \(0003_CMYK.jpg\) has 'objects' that is not a list"):
+        make_files(json_path, image_folder, str(tmp_path / "out"))
+
+
+def test_exif_orientation_and_16_bit_grey_are_stored_as_load_image_reads_them(tmp_path):
+    json_path, image_folder = write_tiny_karpathy(str(tmp_path / "source"), n_per_split=2,
+                                                  modes=(("RGB", "PNG"), ("I;16", "PNG")))
+    with open(json_path) as file:
+        records = json.load(file)["images"]
+    phone_photo = os.path.join(image_folder, records[0]["filename"])  # 48 x 36, stored sideways
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    with Image.open(phone_photo) as image:
+        upright = image.transpose(Image.Transpose.ROTATE_270)
+        image.save(phone_photo, exif=exif)
+    make_files(json_path, image_folder, str(tmp_path / "out"))
+    stored, _ = read(str(tmp_path / "out"), "IMAGES", "TRAIN")
+    np.testing.assert_array_equal(stored[0], np.asarray(upright.resize((SIZE, SIZE), images.RESAMPLE)).transpose(2, 0, 1))
+    grey16 = os.path.join(image_folder, records[1]["filename"])
+    np.testing.assert_array_equal(stored[1], images.load_image(grey16, SIZE))
+    with Image.open(grey16) as image:
+        assert image.mode.startswith("I") and np.asarray(image).max() > 255
+        expected = np.asarray(image) // 256  # scaled to 8 bits, not clipped at 255
+    assert np.abs(stored[1][0].astype(int) - np.asarray(Image.fromarray(expected.astype(np.uint8)).resize(
+        (SIZE, SIZE), images.RESAMPLE))).max() == 0
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(cif, "IMAGES_PER_CHUNK", 1)
+    splits = cif.split_images(cif.load_karpathy_json(source[0], "flickr8k"), "flickr8k", source[1], MAX_LEN)
+    decoded = cif.decode_images([image for split in SPLITS for image in splits[split]], SIZE, 2)  # 12 chunks
+    next(decoded)
+    for process in multiprocessing.active_children():
+        if process.name.startswith("ForkServerProcess"):
+            process.kill()
+    with pytest.raises(ToolkitError, match="decoding worker process ended unexpectedly"):
+        list(decoded)
+
+
+@pytest.fixture(scope="module")
+def slow_source(tmp_path_factory):
+    """Enough large JPEGs that preprocessing them with two workers takes about a second."""
+    return write_tiny_karpathy(str(tmp_path_factory.mktemp("slow_source")), n_per_split=120, image_size=(640, 480),
+                               modes=(("RGB", "JPEG"),))
+
+
+def train_images_written(output_folder):
+    """Bytes in the temporary TRAIN images file (0 before it exists)."""
+    names = [name for name in temp_files(output_folder) if name.startswith(".TRAIN_IMAGES")]
+    return os.path.getsize(os.path.join(output_folder, names[0])) if names else 0
+
+
+def start_and_signal(json_path, image_folder, output_folder, signal_number, whole_group=False):
+    """Start the command line with two workers, send `signal_number` (to its process group, as a terminal's
+    Ctrl-C does, if `whole_group`) once it writes the TRAIN images; return the finished process's
+    (return code, stderr)."""
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "create_input_files.py"),
+                                *command_args(json_path, image_folder, output_folder, "--workers", "2")],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 60
+    while train_images_written(output_folder) < 10 * 3 * SIZE * SIZE and process.poll() is None:
+        assert time.monotonic() < deadline, "preprocessing did not start"
+        time.sleep(0.005)  # until the workers run and the first 10 TRAIN images are stored
+    if whole_group:
+        os.killpg(process.pid, signal_number)
+    else:
+        process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)  # returns once the workers, which share stderr, are gone too
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize("signal_number, whole_group, returncode, message", [
+    (signal.SIGTERM, False, 143, "terminated (SIGTERM)"), (signal.SIGTERM, True, 143, "terminated (SIGTERM)"),
+    (signal.SIGINT, True, 130, "interrupted")])
+def test_sigterm_and_ctrl_c_end_cleanly_with_no_temporary_files(slow_source, tmp_path, signal_number, whole_group,
+                                                                returncode, message):
+    (tmp_path / "out").mkdir()
+    status, stderr = start_and_signal(*slow_source, tmp_path / "out", signal_number, whole_group)
+    assert status == returncode, stderr
+    assert message in stderr and "Traceback" not in stderr and "Error" not in stderr
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_after_a_kill_9_the_next_run_removes_the_leftovers_and_says_so(slow_source, tmp_path):
+    (tmp_path / "out").mkdir()
+    returncode, stderr = start_and_signal(*slow_source, tmp_path / "out", signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
+    assert "Traceback" not in stderr and "Error" not in stderr  # the workers ended quietly
+    leftovers = temp_files(tmp_path / "out")
+    assert leftovers and leftovers == os.listdir(tmp_path / "out")
+    result = run_command(*command_args(*slow_source, tmp_path / "out", "--workers", "2"))
+    assert result.returncode == 0, result.stderr
+    assert f"removed {len(leftovers)} temporary file(s)" in result.stdout and leftovers[0] in result.stdout
+    assert temp_files(tmp_path / "out") == [] and len(os.listdir(tmp_path / "out")) == 13

@@ -3,6 +3,7 @@ import collections
 import json
 import os
 import pickle
+import re
 import shutil
 
 import h5py
@@ -164,3 +165,54 @@ def test_course_made_folder_without_refs_falls_back_to_decoded_captions(folder, 
     assert references.references[1][2] == [words[index] for index in captions[CPI + 2][1:caplens[CPI + 2] - 1]]
     words_used = {word for refs in references.references for tokens in refs for word in tokens}
     assert "<unk>" in words_used and not {"<start>", "<end>", "<pad>"} & words_used
+
+
+def copy_folder(folder, tmp_path):
+    target = tmp_path / "data"
+    shutil.copytree(folder, target)
+    return str(target)
+
+
+@pytest.mark.parametrize("word_map, problem", [
+    (["a", "b"], "holds a JSON list, not an object"),
+    ({"a": 1, "<start>": 2, "<end>": 3, "<pad>": 0}, "lacks the special token(s) <unk>"),
+    ({"a": 1, "<unk>": 2, "<pad>": 0}, "lacks the special token(s) <start>, <end>"),
+    ({"a": "1", "<start>": 2, "<end>": 3, "<unk>": 4, "<pad>": 0}, "maps 'a' to '1', not an integer id"),
+])
+def test_a_bad_word_map_is_refused_naming_the_file_and_the_token(folder, tmp_path, word_map, problem):
+    data_folder = copy_folder(folder, tmp_path)
+    path = datasets.wordmap_path(data_folder, NAME)
+    with open(path, "w") as file:
+        json.dump(word_map, file)
+    with pytest.raises(ToolkitError, match=re.escape(f"word map {path!r} {problem}")) as error:
+        datasets.load_word_map(data_folder, NAME)
+    assert "create_input_files.py --dataset flickr8k" in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_truncated_or_foreign_images_file_names_the_file_and_the_command(folder, tmp_path, damage):
+    data_folder = copy_folder(folder, tmp_path)
+    path = datasets.data_paths(data_folder, NAME, "TRAIN")["images"]
+    with open(path, "rb") as file:
+        content = file.read()
+    with open(path, "wb") as file:
+        file.write(content[:len(content) // 2] if damage == "truncate" else b"not an HDF5 file" * 100)
+    with pytest.raises(ToolkitError, match=re.escape(path)) as error:
+        datasets.ImageCaptionsDataset(data_folder, NAME, "TRAIN")
+    assert "create_input_files.py --dataset flickr8k" in str(error.value) and "--overwrite" in str(error.value)
+
+
+def test_references_carry_the_objects_of_the_refs_file(folder, tmp_path):
+    data_folder = copy_folder(folder, tmp_path)
+    path = datasets.data_paths(data_folder, NAME, "TEST")["refs"]
+    with open(path) as file:
+        refs = json.load(file)
+    objects = [{"words": ["small", "red", "circle"], "box": [0.1, 0.2, 0.3, 0.4]}]
+    refs[1]["objects"] = objects
+    with open(path, "w") as file:
+        json.dump(refs, file)
+    references = datasets.load_references(data_folder, NAME, "TEST", datasets.load_word_map(data_folder, NAME))
+    assert references.objects == [None, objects, None, None]
+    os.remove(path)  # a course-made folder: no objects
+    fallback = datasets.load_references(data_folder, NAME, "TEST", datasets.load_word_map(data_folder, NAME))
+    assert fallback.fallback and fallback.objects == [None] * 4

@@ -1,0 +1,64 @@
+"""The one image loader of the toolkit: preprocessing and inference read pictures the same way.
+
+    pixels = load_image("photo.jpg", 256)         # uint8 numpy array (3, 256, 256)
+    tensor = load_image_tensor("photo.jpg", 256)  # the same pixels as a torch uint8 tensor
+
+The picture is turned upright by its EXIF orientation, converted to RGB from any Pillow mode (16- and
+32-bit grey scaled to 8 bits, not clipped) and squashed to a square with bilinear resampling, as the
+course's scipy.misc.imresize did. torch is imported only by load_image_tensor, so preprocessing
+workers start without it.
+"""
+import numpy as np
+from PIL import Image, ImageOps
+
+from utils import ToolkitError
+
+RESAMPLE = Image.Resampling.BILINEAR  # the course's scipy.misc.imresize default ('bilinear', via PIL)
+
+
+class BadImageError(ToolkitError):
+    """An image file that cannot be decoded; `reason` says why, without the advice around it."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"cannot read image {path!r}: {reason}; replace the file or leave it out")
+        self.path, self.reason = path, reason
+
+
+def to_rgb(image):
+    """Any Pillow mode as RGB; 16- and 32-bit grey is scaled from 0..65535 instead of clipped."""
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit PNG/TIFF
+        grey = (np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8)
+        image = Image.fromarray(grey)
+    return image.convert("RGB")
+
+
+def square_pixels(image, size):
+    """An upright, loaded PIL image -> uint8 array (3, size, size), squashed to a square as the course."""
+    resized = to_rgb(image).resize((size, size), RESAMPLE)
+    return np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1))  # (S, S, 3) -> (3, S, S)
+
+
+def load_image(source, size):
+    """A path or a PIL image -> uint8 array (3, size, size); a BadImageError (a ToolkitError) naming the
+    file when it cannot be decoded."""
+    if isinstance(source, Image.Image):
+        return square_pixels(ImageOps.exif_transpose(source), size)  # a copy: the caller's image is left as is
+    try:
+        with Image.open(source) as image:
+            image.draft(None, (size, size))  # JPEG: DCT-scale by 1/2..1/8 while both sides stay >= size
+            ImageOps.exif_transpose(image, in_place=True)
+            return square_pixels(image, size)
+    except Image.DecompressionBombError as error:  # not an OSError
+        raise BadImageError(source, f"it has more pixels than Pillow's decompression-bomb limit allows "
+                                    f"({error}); if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS") from None
+    except FileNotFoundError:
+        raise BadImageError(source, "the file does not exist") from None
+    except Exception as error:  # Pillow raises many types (OSError, SyntaxError, ValueError...) for bad files
+        raise BadImageError(source, f"{type(error).__name__}: {error}") from None
+
+
+def load_image_tensor(source, size):
+    """load_image as a torch uint8 tensor (3, size, size)."""
+    import torch
+
+    return torch.from_numpy(load_image(source, size))

@@ -23,7 +23,8 @@ from utils import ToolkitError
 DIMS = {"embed_dim": 16, "attention_dim": 12, "decoder_dim": 24, "dropout": 0.3, "device": torch.device("cpu")}
 MAX_STEPS = 12
 TRAINER_KEYS = {"cfg", "word_map", "image_size", "encoder_state", "decoder_state", "encoder_optimizer",
-                "decoder_optimizer", "epoch", "best_bleu4", "epochs_since_improvement", "history", "format"}
+                "decoder_optimizer", "epoch", "best_bleu4", "epochs_since_improvement", "history", "format",
+                "format_version"}
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +219,17 @@ def test_a_vocabulary_of_another_size_is_refused(course, tiny_shapes, tmp_path):
     torch.save({"encoder": {}, "decoder": state}, path)
     with pytest.raises(ToolkitError, match="trained with a vocabulary of 3 words but WORDMAP_"):
         import_course_checkpoint(path, tiny_shapes.folder, tiny_shapes.data_name)
+
+
+def test_an_imported_checkpoint_resumes_with_fresh_optimisers(pickled_attention, tiny_shapes, tmp_path, capsys):
+    out = import_course_checkpoint(pickled_attention, tiny_shapes.folder, tiny_shapes.data_name, trust_pickle=True,
+                                   out=str(tmp_path / "imported.pth.tar"))
+    saved = load_checkpoint(out)
+    cfg = {key: saved["cfg"][key] for key in config.MODEL_KEYS + ("dropout",)}
+    cfg.update(data_folder=tiny_shapes.folder, data_name=tiny_shapes.data_name, checkpoint=out,
+               epochs=saved["epoch"] + 2, output_folder=str(tmp_path / "out"), cache_folder=str(tmp_path),
+               encoder_weights=None, workers=0, device="cpu", batch_size=40, print_freq=0,
+               feature_cache=False)  # a random ResNet-101 overflows float16
+    result = solver.train(cfg)
+    assert "the optimisers start afresh" in capsys.readouterr().out
+    assert load_checkpoint(result["last_checkpoint"])["epoch"] == saved["epoch"] + 1

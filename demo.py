@@ -67,6 +67,7 @@ TRANSFORMER_OPTIONS = (("transformer_layers", 2), ("transformer_encoder_layers",
 RUNS = {  # results.json key -> what it trains, in training order
     "no_attention": Run("rnn", "Show and Tell (no attention)"),
     "attention": Run("attention", "Show, Attend and Tell"),
+    "adaptive": Run("adaptive", "Adaptive Attention (visual sentinel)"),
     "transformer": Run("transformer", "Transformer (2 decoder layers, 1 over the grid)", options=TRANSFORMER_OPTIONS),
     "attention_scst": Run("attention", "attention + SCST (CIDEr-D reward)", training="scst", starts_from="attention"),
     "blind": Run("attention", "blind control: attention trained and tested on constant images", blind=True),
@@ -89,7 +90,7 @@ class Settings:
     val_images: int
     test_images: int
     image_size: int
-    encoded_image_size: int  # the encoder's grid side: 128 px / 32 = 4 for EfficientNet-Lite0
+    encoded_image_size: int  # the encoder's grid side at its native stride: 192 px / 32 = 6 for EfficientNet-Lite0
     dim: int  # embed_dim = attention_dim = decoder_dim
     epochs: int
     scst_epochs: int  # epochs of the SCST stage after the cross-entropy epochs
@@ -99,7 +100,7 @@ class Settings:
     seed: int = 0
 
 
-FULL = Settings(train_images=2000, val_images=200, test_images=200, image_size=128, encoded_image_size=4,
+FULL = Settings(train_images=2000, val_images=200, test_images=200, image_size=192, encoded_image_size=6,
                 dim=256, epochs=6, scst_epochs=3, batch_size=160, coco_metrics=True, preprocess_workers=None)
 QUICK = Settings(train_images=40, val_images=10, test_images=10, image_size=64, encoded_image_size=2,
                  dim=32, epochs=1, scst_epochs=1, batch_size=40, coco_metrics=False, preprocess_workers=1)
@@ -181,14 +182,22 @@ def run_cfg(settings, data, run, output_folder, device, checkpoint=None):
             "device": device, "output_folder": output_folder, "overwrite": True, **stage, **dict(run.options)}
 
 
-def example_test_image(karpathy_json):
-    """(path, reference sentences) of the test image with the longest references (the first of those), i.e. the
-    most objects: its attention figure shows the most."""
+def example_test_image(karpathy_json, predictions_json):
+    """(path, reference sentences, grounding) of the example: among the test images with two or more objects,
+    the one whose attention share inside the named objects' boxes (solver.test's per-image `mass_in_box`) is
+    the median: a typical image, not one picked because it looks good."""
     with open(karpathy_json, encoding="utf-8") as file:
-        images = [image for image in json.load(file)["images"] if image["split"] == "test"]
-    image = max(images, key=lambda image: sum(len(sentence["tokens"]) for sentence in image["sentences"]))
+        images = {image["filename"]: image for image in json.load(file)["images"] if image["split"] == "test"}
+    with open(predictions_json, encoding="utf-8") as file:
+        grounded = [(prediction["mass_in_box"], prediction["image_id"]) for prediction in json.load(file)
+                    if prediction.get("mass_in_box") is not None and len(images[prediction["image_id"]]["objects"]) > 1]
+    if grounded:
+        mass, image_id = sorted(grounded)[len(grounded) // 2]
+    else:  # no caption named an object of its image (a model trained too briefly): the first multi-object image
+        mass, image_id = None, next(name for name, image in images.items() if len(image["objects"]) > 1)
+    image = images[image_id]
     path = os.path.join(os.path.dirname(karpathy_json), image["filepath"], image["filename"])
-    return path, [sentence["raw"] for sentence in image["sentences"]]
+    return path, [sentence["raw"] for sentence in image["sentences"]], mass
 
 
 # ---------------------------------------------------------------- files
@@ -277,7 +286,9 @@ def report_markdown(settings, data, runs, results, predictions, example, seconds
         "",
         "## One test image",
         "",
-        f"`{os.path.basename(example['path'])}`. References: {'; '.join(example['references'])}",
+        f"`{os.path.basename(example['path'])}`, the test image of two or more objects whose attention share inside "
+        f"the named objects' boxes is the median of the attention decoder's ({format_share(example['mass_in_box'])}). "
+        f"References: {'; '.join(example['references'])}",
         "",
         f"- without attention: “{example['captions']['no_attention']}”",
         f"- with attention: “{example['captions']['attention']}”",
@@ -294,6 +305,10 @@ def report_markdown(settings, data, runs, results, predictions, example, seconds
         lines += [f"`{name}` ({os.path.basename(run['best_checkpoint'])}):", "", "```json",
                   json.dumps(run["cfg"], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def format_share(value):
+    return "none of its captions named an object" if value is None else f"{value:.3f}"
 
 
 def comparison_text(results, blind_caption, blind_count, blind_total):
@@ -352,8 +367,8 @@ def run_demo(output_folder, settings, overwrite=False, device=None):
     print("== 4/4 figures and report")
     plot_history({name: run["last_checkpoint"] for name, run in runs.items()},  # every epoch, past the best
                  out=os.path.join(output_folder, CURVES_PNG))
-    image_path, references = example_test_image(data.karpathy_json)
-    example = {"path": image_path, "references": references, "captions": {}}
+    image_path, references, mass = example_test_image(data.karpathy_json, predictions["attention"])
+    example = {"path": image_path, "references": references, "captions": {}, "mass_in_box": mass}
     example["captions"]["attention"], _ = solver.caption_figure(
         runs["attention"]["best_checkpoint"], image_path, BEAM_SIZE, out=os.path.join(output_folder, ATTENTION_PNG),
         device=device)

@@ -25,7 +25,8 @@ def read_results(folder):
 
 def test_results_hold_bleu_of_the_three_models(quick_demo):
     results = read_results(quick_demo)
-    assert list(results) == list(demo.RESULTS) == ["no_attention", "attention", "transformer", "attention_scst", "blind"]
+    assert list(results) == list(demo.RESULTS) == ["no_attention", "attention", "adaptive", "transformer", "attention_scst",
+                                                    "blind"]
     for scores in results.values():
         assert all(0.0 <= scores[f"bleu{n}"] <= 1.0 for n in range(1, 5))
         assert "meteor" not in scores  # --quick leaves the coco-caption metrics out

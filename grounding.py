@@ -130,3 +130,15 @@ def _check_inputs(captions, attentions, objects, grid_size, betas):
 
 def _mean(values):
     return float(np.mean(values)) if len(values) else None
+
+
+def caption_grounding(captions, rev_word_map, objects, grid_size):
+    """The grounding of beam search's Captions (word ids from <start>, alphas (T, P), betas (T,) or None):
+    (grounding_scores of the split, per image the mean mass_in_box of its object words or None)."""
+    words = [[rev_word_map[word] for word in caption.words[1:]] for caption in captions]  # one per map
+    attentions = [caption.alphas for caption in captions]
+    betas = [caption.betas for caption in captions] if captions[0].betas is not None else None
+    scores = grounding_scores(words, attentions, objects, grid_size, betas)
+    per_image = [None if scene is None else _mean(image_grounding(image_words, attention, scene, grid_size)["mass_in_box"])
+                 for image_words, attention, scene in zip(words, attentions, objects)]
+    return scores, per_image

@@ -20,6 +20,7 @@ from config import add_cfg_options, pick_device, upgrade_cfg, validate_cfg, with
 from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map, normalize_images
 from features import ensure_feature_cache
 from figures import visualize_att
+from grounding import caption_grounding
 from models import build_decoder
 from training import Trainer, build_encoder, default_workers, strip_special, word_map_mismatch
 from utils import (ToolkitError, atomic_path, check_writable_file, coco_caption_metrics, course_bleu, format_metrics,
@@ -83,13 +84,14 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     workers = default_workers({"workers": workers})
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     device = next(decoder.parameters()).device
-    references, hypotheses = [], []
+    references, hypotheses, decoded = [], [], []
     for images, captions, _ in tqdm(loader, desc=f"beam search {split} (k={beam_size})", unit="batch"):
         images = torch.zeros_like(images) if blind else images
         for caption, image_captions in zip(decode_batch(encoder, decoder, images.to(device), word_map, beam_size,
                                                         max_steps), captions.tolist()):
             references.append([strip_special(c, word_map) for c in image_captions])
             hypotheses.append(strip_special(caption.words, word_map))
+            decoded.append(caption)
     scores, unavailable = course_bleu(references, hypotheses), {}
     words = {index: word for word, index in word_map.items()}
     sentences = [" ".join(words[w] for w in hypothesis) for hypothesis in hypotheses]
@@ -102,14 +104,19 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
                                     {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs.references)})
         scores.update(coco["scores"])
         unavailable = coco["unavailable"]
+    per_image_grounding = [None] * len(decoded)
+    if decoder.has_attention and any(refs.objects):  # data with boxes: does attention look at what it names?
+        grounding, per_image_grounding = caption_grounding(decoded, words, refs.objects, cfg["encoded_image_size"])
+        scores.update({key: value for key, value in grounding.items() if value is not None and key != "object_words"})
     print(f"{split} split, {len(hypotheses)} images, beam size {beam_size}. BLEU-n: the course's nltk corpus_bleu "
           f"against the split's captions; COCO-*: coco-caption against every original reference")
     for line in format_metrics(scores, unavailable):
         print(line)
     if predictions_json:
         with atomic_path(predictions_json) as tmp, open(tmp, "w", encoding="utf-8") as file:
-            json.dump([{"image_id": image_id, "caption": sentence}
-                       for image_id, sentence in zip(refs.image_ids, sentences)], file, indent=1)
+            json.dump([{"image_id": image_id, "caption": sentence, "mass_in_box": mass}
+                       for image_id, sentence, mass in zip(refs.image_ids, sentences, per_image_grounding)], file,
+                      indent=1)
     return scores
 
 

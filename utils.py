@@ -198,6 +198,8 @@ def current_umask():
 #     cider                    CIDEr                  coco-caption's CIDEr-D (idf over the scored images)
 #     spice                    SPICE                  never run: always listed as unavailable
 #     ptb_tokenizer            PTB tokenizer          not a score: listed as unavailable when it cannot run
+#     peak_in_box, mass_in_box, uniform_mass_in_box, beta_object_words, beta_function_words
+#                                                     grounding (grounding.py), on data with object boxes
 
 COURSE_BLEU_WEIGHTS = {"bleu1": (1.0,), "bleu2": (1 / 2,) * 2, "bleu3": (1 / 3,) * 3, "bleu4": (1 / 4,) * 4}
 COCO_BLEU_KEYS = ("coco_bleu1", "coco_bleu2", "coco_bleu3", "coco_bleu4")
@@ -207,6 +209,9 @@ METRIC_LABELS = {
     "coco_bleu4": "COCO-BLEU-4",
     "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE",
     "ptb_tokenizer": "PTB tokenizer",
+    "peak_in_box": "attention peak in box", "mass_in_box": "attention mass in box",
+    "uniform_mass_in_box": "uniform mass in box", "beta_object_words": "beta (object words)",
+    "beta_function_words": "beta (function words)",
 }
 SPICE_REASON = ("not run: SPICE needs Stanford CoreNLP models that pycocoevalcap downloads at run time, "
                 "and this toolkit scores offline")

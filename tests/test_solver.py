@@ -176,7 +176,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shapes, tm
 def test_test_prints_and_returns_bleu_and_writes_predictions(trained, tmp_path, capsys):
     out = tmp_path / "predictions.json"
     scores = solver.test(trained["best_checkpoint"], beam_size=2, predictions_json=str(out), coco_metrics=False)
-    assert set(scores) == {"bleu1", "bleu2", "bleu3", "bleu4"}
+    assert set(scores) - {"peak_in_box", "mass_in_box", "uniform_mass_in_box"} == {"bleu1", "bleu2", "bleu3", "bleu4"}
     printed = capsys.readouterr().out
     for n in range(1, 5):
         assert f"BLEU-{n}: {scores[f'bleu{n}']:.4f}" in printed
@@ -247,3 +247,14 @@ def test_per_caption_training_still_works(tiny_shapes, tmp_path):
     result = train_tiny(tiny_shapes, tmp_path, decoder="attention", group_captions=False)
     assert len(result["history"]["val_bleu4"]) == 1
     assert not [name for name in os.listdir(tmp_path) if "FEATURES" in name]
+
+
+def test_test_scores_the_grounding_of_attention_on_data_with_boxes(trained, tmp_path):
+    out = tmp_path / "predictions.json"
+    scores = solver.test(trained["best_checkpoint"], beam_size=2, predictions_json=str(out), coco_metrics=False)
+    predictions = json.loads(out.read_text())
+    masses = [p["mass_in_box"] for p in predictions if p["mass_in_box"] is not None]
+    assert masses, "the trained model names a shape of its image in some captions"
+    assert 0 <= scores["mass_in_box"] <= 1 and 0 <= scores["peak_in_box"] <= 1
+    assert 0 < scores["uniform_mass_in_box"] < 1  # the share of the image the named boxes cover
+    assert min(masses) <= scores["mass_in_box"] <= max(masses)

@@ -75,14 +75,17 @@ class Settings:
     source_size: tuple  # (width, height) of the JPEGs create_input_files reads
     preprocess_rounds: int  # timed runs per worker count (the fastest counts)
     scst_steps: int  # timed SCST training steps
+    transformer_layers: int  # decoder layers and layers over the grid of the Transformer (COCO: 6 and 6)
 
 
 FULL = Settings(backbone="resnet101", image_size=256, grid=14, dims=512, train_images=48, val_images=100,
                 warmup_steps=1, timing_rounds=2, cached_steps_per_round=5, beam_training_steps=60, beam_rounds=5,
-                preprocess_images=1200, source_size=(640, 480), preprocess_rounds=2, scst_steps=8)
+                preprocess_images=1200, source_size=(640, 480), preprocess_rounds=2, scst_steps=8,
+                transformer_layers=6)
 QUICK = Settings(backbone="resnet18", image_size=64, grid=4, dims=64, train_images=12, val_images=8,
                  warmup_steps=1, timing_rounds=2, cached_steps_per_round=2, beam_training_steps=10, beam_rounds=1,
-                 preprocess_images=24, source_size=(160, 120), preprocess_rounds=1, scst_steps=2)
+                 preprocess_images=24, source_size=(160, 120), preprocess_rounds=1, scst_steps=2,
+                 transformer_layers=1)
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,8 @@ def training_section(data, work, settings):
         if decoder_name == "attention":
             figures["scst"] = scst_section(fast, data, work, settings)
         del fast, fast_steps
+    figures["transformer"] = transformer_section(data, work, settings, cache)
+    figures["beam"]["transformer"] = figures["transformer"].pop("beam")
     figures["feature_cache"] = cache.figures()
     report_coco_projection(figures["train"]["attention"]["coco_projection"])
     return figures
@@ -369,6 +374,54 @@ def beam_comparison(trainer, steps, encoder_out, settings):
             "speedup": batched_rate / one_rate, "mismatches": mismatches,
             "caption_words": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)},
             "unfinished": unfinished}
+
+
+def transformer_section(data, work, settings, cache):
+    """The Transformer decoder (self-critical.pytorch's COCO sizes, width = the bench's dims): cached training
+    steps per second, batched against one-image beam search, and one cached incremental decoding step
+    against recomputing the whole prefix, as a decoder without a key/value cache must."""
+    trainer = make_trainer(data, work, settings, "transformer", lr_warmup_steps=0,
+                           transformer_layers=settings.transformer_layers,
+                           transformer_encoder_layers=settings.transformer_layers)
+    check_reads_cache(trainer, cache)
+    steps = training_steps(trainer)
+    totals = time_side_by_side({"cached": (steps, settings.cached_steps_per_round)}, settings.warmup_steps,
+                               settings.timing_rounds, "cpu")
+    captions, seconds = totals["cached"]
+    report("train_samples_per_s_transformer", f"{captions / seconds:.2f} samples/s ({captions} captions in "
+                                              f"{seconds:.1f} s; grouped, cached float16 features)")
+    figures = {"train_samples_per_s": captions / seconds,
+               "beam": beam_comparison(trainer, steps, read_cached_features(cache.paths[1]), settings)}
+    figures["incremental"] = incremental_step_cost(trainer.decoder.eval(), read_cached_features(cache.paths[1]),
+                                                   trainer.word_map["<start>"], settings)
+    trainer.lock.release()
+    return figures
+
+
+def incremental_step_cost(decoder, encoder_out, start_id, settings, length=16):
+    """Seconds to decode `length` words for a batch: one_step with the cached keys and values, against a
+    teacher-forced pass over the whole prefix at every step (what a step costs without the cache)."""
+    encoder_out = encoder_out[:BEAM_BATCH].reshape(min(BEAM_BATCH, len(encoder_out)), -1, encoder_out.size(-1))
+    words = torch.full((len(encoder_out), length + 1), start_id, dtype=torch.long)
+
+    def cached():
+        memory, state = decoder.start(encoder_out)
+        for t in range(length):
+            _, state, _ = decoder.one_step(decoder.embedding(words[:, t]), memory, state)
+
+    def recomputed():
+        memory, state = decoder.start(encoder_out)
+        for t in range(1, length + 1):
+            decoder.decode_teacher_forced(decoder.embedding(words[:, :t]), memory, state, [t] * len(words))
+
+    with torch.inference_mode():
+        fastest = fastest_alternately({"cached": cached, "recomputed": recomputed}, settings.beam_rounds)
+    ratio = fastest["recomputed"][1] / fastest["cached"][1]
+    report("transformer_incremental_step", f"{length} steps of {len(words)} captions: {fastest['cached'][1]:.2f} s "
+                                           f"with cached keys and values, {fastest['recomputed'][1]:.2f} s "
+                                           f"recomputing the prefix ({ratio:.2f} x)")
+    return {"steps": length, "captions": len(words), "cached_seconds": fastest["cached"][1],
+            "recomputed_seconds": fastest["recomputed"][1], "ratio": ratio}
 
 
 def scst_section(xe_trainer, data, work, settings):

@@ -20,7 +20,7 @@ def quick_run(tmp_path_factory):
     """stdout and JSON figures of `python bench.py --quick --json PATH`."""
     json_path = tmp_path_factory.mktemp("bench") / "figures.json"
     result = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(json_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(json_path, encoding="utf-8") as file:
         return result.stdout, json.load(file)
@@ -44,7 +44,8 @@ def test_batched_beam_search_gives_the_reference_captions(quick_run):
     stdout, figures = quick_run
     assert line_values(stdout)["beam_mismatches"] == "0"
     assert figures["beam_mismatches"] == 0
-    assert {name: beam["mismatches"] for name, beam in figures["beam"].items()} == {"attention": 0, "rnn": 0}
+    assert {name: beam["mismatches"] for name, beam in figures["beam"].items()} == {"attention": 0, "rnn": 0,
+                                                                                   "transformer": 0}
     assert figures["beam"]["attention"]["images"] == bench.QUICK.val_images
 
 
@@ -98,3 +99,14 @@ def test_the_scst_step_and_its_reward_share_are_measured(quick_run):
     assert values["scst_samples_per_s"].startswith(f"{scst['samples_per_s']:.2f} sampled captions/s")
     assert 0 < scst["reward_share"] < 1
     assert values["cider_reward_share"].startswith(f"{scst['reward_share']:.4f} of the SCST step")
+
+
+def test_the_transformer_is_measured(quick_run):
+    stdout, figures = quick_run
+    values = line_values(stdout)
+    transformer = figures["transformer"]
+    assert values["train_samples_per_s_transformer"].startswith(f"{transformer['train_samples_per_s']:.2f} samples/s")
+    assert re.search(r"^beam_speedup_transformer: \d+\.\d{1,2} x$", stdout, re.MULTILINE)
+    incremental = transformer["incremental"]
+    assert incremental["ratio"] == pytest.approx(incremental["recomputed_seconds"] / incremental["cached_seconds"])
+    assert f"({incremental['ratio']:.2f} x)" in values["transformer_incremental_step"]

@@ -58,3 +58,17 @@ def test_overwrite_reuses_the_dataset_and_reproduces_the_results(quick_demo, cap
     assert "Reusing the shapes dataset" in capsys.readouterr().out
     assert os.path.getmtime(stamp) == stamp_time
     assert read_results(quick_demo) == before  # deterministic for its seed
+
+
+def test_the_blind_control_trains_and_tests_on_images_that_are_all_the_same(quick_demo):
+    import h5py
+    from checkpoints import load_checkpoint
+
+    checkpoints = quick_demo / demo.CHECKPOINT_FOLDER
+    blind = next(checkpoints.glob("BEST_checkpoint_*_blind.pth.tar"))
+    cfg = load_checkpoint(str(blind))["cfg"]
+    assert cfg["data_folder"] == str(quick_demo / demo.BLIND_FOLDER) and cfg["decoder"] == "attention"
+    for split in ("TRAIN", "TEST"):
+        with h5py.File(quick_demo / demo.BLIND_FOLDER / f"{split}_IMAGES_{cfg['data_name']}.hdf5", "r") as h5:
+            images = h5["images"][...]
+        assert (images == demo.BLIND_GREY).all() and len(images) > 1

@@ -161,7 +161,7 @@ def training_steps(trainer):
     trainer.decoder.train()
     trainer.encoder.train(trainer.cfg["fine_tune_encoder"])  # a frozen encoder stays in eval mode
     for epoch in itertools.count():
-        trainer.shuffle.manual_seed(trainer.cfg["seed"] * 100_003 + epoch)
+        trainer.train_loader.sampler.set_epoch(epoch)
         for batch in trainer.train_loader:
             stats = trainer.train_step(batch)
             yield batch[2].numel(), stats["loss"][0]  # lengths: (B, 1) per caption, (B, cpi) grouped

@@ -19,6 +19,7 @@ from utils import ToolkitError, atomic_path
 
 CACHE_FORMAT = "features/1"
 DISK_MARGIN_BYTES = 1 << 30  # leave 1 GiB free
+JOIN_ROWS = 256  # grids copied at a time when the ranks' parts of a cache are joined
 
 
 def cache_path(cache_folder, data_name, split, backbone):
@@ -81,9 +82,13 @@ def ensure_feature_cache(encoder, data_folder, data_name, split, cache_folder=No
     return path
 
 
-def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprint, batch_size, workers, device):
-    """Encode every image of `split` once and write the float16 grids atomically."""
+def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprint, batch_size, workers, device,
+                        indices=None):
+    """Encode every image of `split` (or those at `indices`: one rank's share) once and write the float16
+    grids atomically."""
     dataset = ImageCaptionsDataset(data_folder, data_name, split)
+    if indices is not None:
+        dataset = torch.utils.data.Subset(dataset, indices)
     image_size = dataset[0][0].shape[-1]
     was_training = encoder.training
     encoder.eval()
@@ -108,6 +113,32 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
         h5.attrs["fingerprint"] = fingerprint
         h5.attrs["backbone"] = encoder.backbone_name
     encoder.train(was_training)
+    return path
+
+
+def join_feature_parts(part_paths, path, fingerprint, backbone):
+    """Concatenate the caches of consecutive slices of a split (one per rank) into the cache at `path`,
+    atomically, and remove the parts."""
+    with h5py.File(part_paths[0], "r") as first:
+        _, positions, channels = first["features"].shape
+    sizes = []
+    for part in part_paths:
+        with h5py.File(part, "r") as h5:
+            sizes.append(len(h5["features"]))
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        features = h5.create_dataset("features", (sum(sizes), positions, channels), dtype="float16",
+                                     chunks=(1, positions, channels))
+        start = 0
+        for part, size in zip(part_paths, sizes):
+            with h5py.File(part, "r") as source:
+                for row in range(0, size, JOIN_ROWS):  # a few hundred grids in memory at a time
+                    rows = source["features"][row:row + JOIN_ROWS]
+                    features[start + row:start + row + len(rows)] = rows
+            start += size
+        h5.attrs["fingerprint"] = fingerprint
+        h5.attrs["backbone"] = backbone
+    for part in part_paths:
+        os.remove(part)
     return path
 
 

@@ -21,6 +21,8 @@ from utils import ToolkitError
 
 TIMEOUT_VARIABLE = "CAPTIONING_DDP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800  # a rank waits this long in one collective (a barrier while another builds a cache)
+# Words of gloo's and NCCL's errors when a peer is gone or a collective timed out
+COLLECTIVE_FAILURES = ("gloo", "NCCL", "Connection closed", "Connection reset", "imed out", "Broken pipe")
 # DDP's option not to broadcast buffers at every forward (renamed in recent torch; broadcast_buffers before)
 NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                   else {"broadcast_buffers": False})
@@ -178,19 +180,22 @@ class Ranks:
     @contextlib.contextmanager
     def failures_named(self):
         """An exception on this rank is reported with the rank before it propagates (torchrun then stops
-        the other ranks); a collective broken by another rank's death says so."""
+        the other ranks); a collective broken by another rank's death becomes a one-line error saying so."""
         try:
             yield
         except ToolkitError as error:
             if self.distributed:
                 raise ToolkitError(f"rank {self.rank} of {self.world_size}: {error}") from None
             raise
-        except (RuntimeError, dist.DistBackendError) as error:
+        except RuntimeError as error:
             if not self.distributed:
                 raise
-            print(f"error: rank {self.rank} of {self.world_size} stopped: a collective failed, most likely because "
-                  f"another rank crashed or was killed (torchrun's summary names it): "
-                  f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            if isinstance(error, dist.DistBackendError) or any(word in first_line for word in COLLECTIVE_FAILURES):
+                raise ToolkitError(f"rank {self.rank} of {self.world_size} stopped: a collective failed, most likely "
+                                   f"because another rank crashed or was killed (torchrun's summary names it): "
+                                   f"{first_line[:300]}") from None
+            print(f"error: rank {self.rank} of {self.world_size} failed:", file=sys.stderr)
             raise
 
 

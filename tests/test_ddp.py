@@ -198,6 +198,9 @@ def test_a_killed_rank_ends_the_run_on_the_other_with_a_message_naming_it(tiny_s
             process.kill()
     assert process.returncode != 0
     assert "local_rank: 1" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
+    # rank 0 says why it stopped: its collective failed, or torchrun's SIGTERM came first
+    assert "error: rank 0 of 2 stopped: a collective failed" in output or "terminated (SIGTERM)" in output
+    assert "Traceback" not in output.split("torch/distributed/elastic")[0]  # none from rank 0
     assert not os.path.exists(tmp_path / f".{name}.lock")  # rank 0 released the run's lock on its way out
     assert not [file for file in os.listdir(tmp_path) if file.endswith(".tmp")]
     assert load_checkpoint(RunPaths(name, str(tmp_path)).last)["epoch"] >= 0  # it resumes like any killed run

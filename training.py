@@ -557,8 +557,8 @@ class Trainer:
                 self.print_resume_command()
             raise
         finally:
+            self.lock.release()  # first: a second signal (torchrun's SIGTERM after a failure) may cut this short
             self.log.close()
-            self.lock.release()
 
     def run_epochs(self):
         cfg, state = self.cfg, self.state

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import RunPaths, load_checkpoint, run_name
+from checkpoints import RunLock, RunPaths, load_checkpoint, run_name
 from config import validate_cfg
 from conftest import tiny_cfg
 from distributed import Ranks, contiguous_slice, differing_keys, shard_indices
 from solver import train
 from training import Trainer
+from utils import process_alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES_PER_CAPTION_BATCH = 5  # captions_per_image of the tiny data: batch_size // 5 images per batch
@@ -177,9 +178,14 @@ def rank_pid(launcher_pid, rank):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank's process through /proc")
-def test_a_killed_rank_ends_the_run_on_the_other_with_a_message_naming_it(tiny_shapes, tmp_path):
-    cfg = ddp_cfg(tiny_shapes, tmp_path, epochs=1000, feature_cache=True)
-    name = run_name(validate_cfg(dict(cfg)))
+def test_a_killed_rank_ends_the_run_on_the_other_with_a_message_naming_it(runs, tmp_path):
+    """An SCST run (sampling through the plain decoder, gradients all-reduced by hand) trains an epoch under
+    torchrun; then rank 1 is killed."""
+    single = runs["cfgs"]["single"]
+    cfg = ddp_cfg(runs["data"], tmp_path, epochs=1000, training="scst", scst_samples=2, max_steps=8,
+                  checkpoint=RunPaths(run_name(validate_cfg(dict(single))), single["output_folder"]).last,
+                  cache_folder=single["cache_folder"])
+    name = run_name(validate_cfg(dict(single))) + "_scst"
     process = subprocess.Popen(torchrun_command(cfg), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
@@ -201,7 +207,8 @@ def test_a_killed_rank_ends_the_run_on_the_other_with_a_message_naming_it(tiny_s
     # rank 0 says why it stopped: its collective failed, or torchrun's SIGTERM came first
     assert "error: rank 0 of 2 stopped: a collective failed" in output or "terminated (SIGTERM)" in output
     assert "Traceback" not in output.split("torch/distributed/elastic")[0]  # none from rank 0
-    assert not os.path.exists(tmp_path / f".{name}.lock")  # rank 0 released the run's lock on its way out
+    lock = RunLock(str(tmp_path / f".{name}.lock"))  # released, or left by a dead process (a resume takes it over)
+    assert not os.path.exists(lock.path) or lock.owner() is None or not process_alive(lock.owner())
     assert not [file for file in os.listdir(tmp_path) if file.endswith(".tmp")]
     assert load_checkpoint(RunPaths(name, str(tmp_path)).last)["epoch"] >= 0  # it resumes like any killed run
 

@@ -4,6 +4,7 @@
     python bench.py --quick          # a few seconds per part (small backbone and images): for the tests
     python bench.py --json FILE      # also write every figure as JSON
     python bench.py --backbones      # markdown table of the encoder backbones: C, size, GFLOPs, CPU ms
+    python bench.py --ddp            # training in 1 against 2 processes (torchrun, one thread each), all-reduce
 
 The CPU part uses the course's model configuration (ResNet-101 with random weights, 256 x 256 images,
 14 x 14 grid, batch 32, embed/attention/decoder 512) and prints one line per figure; the ratios are
@@ -166,7 +167,7 @@ def training_steps(trainer):
     trainer.decoder.train()
     trainer.encoder.train(trainer.cfg["fine_tune_encoder"])  # a frozen encoder stays in eval mode
     for epoch in itertools.count():
-        trainer.shuffle.manual_seed(trainer.cfg["seed"] * 100_003 + epoch)
+        trainer.train_loader.sampler.set_epoch(epoch)
         for batch in trainer.train_loader:
             stats = trainer.train_step(batch)
             yield batch[2].numel(), stats["loss"][0]  # lengths: (B, 1) per caption, (B, cpi) grouped
@@ -655,6 +656,68 @@ def run_benchmark(settings, data_folder=None):
     return figures
 
 
+# ---------------------------------------------------------------- several processes (bench.py --ddp)
+
+DDP_WORLDS = (1, 2)  # processes, one thread each
+DDP_WARMUP_STEPS = 3
+DDP_TIMED_STEPS = 20
+ALLREDUCE_ROUNDS = 20  # the all-reduce time is the fastest of this many
+
+
+def ddp_section(settings):
+    """Training samples per second of 1 process against 2 (torchrun, gloo, one thread each) on the bench
+    data, and the time of one all-reduce of the decoder's gradients. Returns the figures."""
+    info = machine()
+    report("load_average_at_start", f"{info['load_average']:.2f} (1 min, {info['cores']} cores)")
+    figures = {"machine": info}
+    with tempfile.TemporaryDirectory(prefix="bench_ddp_") as work:
+        make_bench_data(os.path.join(work, "data"), work, settings)
+        for world in DDP_WORLDS:
+            json_path = os.path.join(work, f"ddp{world}.json")
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+                       os.path.abspath(__file__), "--ddp-worker", work, "--json", json_path]
+            command += ["--quick"] if settings == QUICK else []
+            subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            with open(json_path, encoding="utf-8") as file:
+                figures[world] = json.load(file)
+            report(f"ddp_train_{world}_process", f"{figures[world]['samples_per_s']:.2f} samples/s (attention "
+                                                 f"decoder, batch {BATCH_SIZE} per process, one thread each)")
+    report_ratio("ddp_speedup", figures[2]["samples_per_s"] / figures[1]["samples_per_s"])
+    allreduce = figures[2]["allreduce"]
+    report("ddp_allreduce", f"{allreduce['seconds'] * 1e3:.2f} ms for {allreduce['parameters']:,} gradients "
+                            f"({allreduce['parameters'] * 4 / 1e6:.1f} MB, gloo, 2 processes)")
+    figures["load_average_at_end"] = os.getloadavg()[0]
+    report("load_average_at_end", f"{figures['load_average_at_end']:.2f} (1 min)")
+    return figures
+
+
+def ddp_worker(work, settings, json_path):
+    """One process of ddp_section (started by torchrun): timed training steps of the bench's attention
+    decoder on its shard, then the all-reduce of the decoder's gradients; rank 0 writes the figures."""
+    torch.set_num_threads(1)
+    data = BenchData(os.path.join(work, "data"), base_name("shapes", CAPTIONS_PER_IMAGE, 0),
+                     os.path.join(work, f"{settings.backbone}.pth"))
+    trainer = make_trainer(data, work, settings, "attention", run_name=f"ddp{os.environ['WORLD_SIZE']}")
+    ranks = trainer.ranks
+    steps = training_steps(trainer)
+    for _ in itertools.islice(steps, DDP_WARMUP_STEPS):
+        pass
+    ranks.barrier()
+    captions, seconds = timed(lambda: sum(n for n, _ in itertools.islice(steps, DDP_TIMED_STEPS)))
+    ranks.barrier()
+    (all_captions,) = ranks.sum(captions)
+    allreduce_seconds = min(timed(ranks.average_gradients, trainer.decoder_module)[1]
+                            for _ in range(ALLREDUCE_ROUNDS))
+    parameters = sum(p.numel() for p in trainer.decoder_module.parameters() if p.requires_grad)
+    if ranks.is_main:
+        with atomic_path(json_path) as tmp, open(tmp, "w", encoding="utf-8") as file:
+            json.dump({"world_size": ranks.world_size, "samples_per_s": all_captions / seconds,
+                       "allreduce": {"seconds": allreduce_seconds, "parameters": parameters}}, file)
+    trainer.log.close()
+    trainer.lock.release()
+    ranks.close()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds per part: small backbone and images")
@@ -662,11 +725,17 @@ def main(argv=None):
     parser.add_argument("--data-folder", help="write the bench's shapes data here and keep it (default: a "
                                               "temporary folder)")
     parser.add_argument("--backbones", action="store_true", help="print the table of encoder backbones instead")
+    parser.add_argument("--ddp", action="store_true", help="training in 1 against 2 processes (torchrun) instead")
+    parser.add_argument("--ddp-worker", metavar="WORK", help=argparse.SUPPRESS)  # one process of --ddp
     args = parser.parse_args(argv)
     if args.backbones:
         print(backbone_table())
         return
-    figures = run_benchmark(QUICK if args.quick else FULL, args.data_folder)
+    settings = QUICK if args.quick else FULL
+    if args.ddp_worker:
+        ddp_worker(args.ddp_worker, settings, args.json)
+        return
+    figures = ddp_section(settings) if args.ddp else run_benchmark(settings, args.data_folder)
     if args.json:
         with atomic_path(args.json) as tmp, open(tmp, "w", encoding="utf-8") as file:
             json.dump(figures, file, indent=1)
@@ -674,3 +743,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_cli(main)
+

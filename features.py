@@ -22,6 +22,7 @@ from utils import ToolkitError, atomic_path, check_free_space, format_bytes, rem
 CACHE_FORMAT = "features/1"
 DISK_MARGIN_BYTES = 1 << 30  # leave 1 GiB free
 CHECKED_ROWS = 32  # rows of a cache checked on every open, evenly spread from the first to the last
+JOIN_ROWS = 256  # grids copied at a time when the ranks' parts of a cache are joined
 
 
 def encoder_fingerprint(encoder, images_path, data_folder, data_name):
@@ -91,9 +92,13 @@ def ensure_feature_cache(encoder, data_folder, data_name, split, cache_folder=No
     return path
 
 
-def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprint, batch_size, workers, device):
-    """Encode every image of `split` once and write the float16 grids atomically."""
+def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprint, batch_size, workers, device,
+                        indices=None):
+    """Encode every image of `split` (or those at `indices`: one rank's share) once and write the float16
+    grids atomically."""
     dataset = ImageCaptionsDataset(data_folder, data_name, split)
+    if indices is not None:
+        dataset = torch.utils.data.Subset(dataset, indices)
     image_size = dataset[0][0].shape[-1]
     was_training = encoder.training
     encoder.eval()
@@ -137,6 +142,32 @@ def check_encoded(batch, start, backbone, split):
             f"(encoder_weights None) with default BatchNorm statistics overflows: use pretrained weights "
             f"(cfg['encoder_weights'] = 'IMAGENET1K_V1', --encoder-weights IMAGENET1K_V1), or fine-tune the "
             f"encoder (which trains without the cache)")
+
+
+def join_feature_parts(part_paths, path, fingerprint, backbone):
+    """Concatenate the caches of consecutive slices of a split (one per rank) into the cache at `path`,
+    atomically, and remove the parts."""
+    with h5py.File(part_paths[0], "r") as first:
+        _, positions, channels = first["features"].shape
+    sizes = []
+    for part in part_paths:
+        with h5py.File(part, "r") as h5:
+            sizes.append(len(h5["features"]))
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        features = h5.create_dataset("features", (sum(sizes), positions, channels), dtype="float16",
+                                     chunks=(1, positions, channels))
+        start = 0
+        for part, size in zip(part_paths, sizes):
+            with h5py.File(part, "r") as source:
+                for row in range(0, size, JOIN_ROWS):  # a few hundred grids in memory at a time
+                    rows = source["features"][row:row + JOIN_ROWS]
+                    features[start + row:start + row + len(rows)] = rows
+            start += size
+        h5.attrs["fingerprint"] = fingerprint
+        h5.attrs["backbone"] = backbone
+    for part in part_paths:
+        os.remove(part)
+    return path
 
 
 def read_features(path, index):

@@ -6,6 +6,13 @@ finished, a checkpoint that cannot resume) is checked before the first epoch. Ea
 `BEST_checkpoint_<run>` (when the val metric improved) and then `checkpoint_<run>`, so a kill at any
 moment loses at most the epoch in progress, and the last checkpoint never names a best epoch whose
 weights are not in BEST.
+
+Started by torchrun (distributed.py), every process trains one shard of each epoch with the decoder (and a
+fine-tuned encoder) in DistributedDataParallel; rank 0 alone writes files and prints. `self.decoder` and
+`self.encoder` are then the DDP wrappers (their forward all-reduces gradients in backward), and
+`decoder_module`/`encoder_module` the plain modules (for decoding, state_dicts and checkpoints). SCST samples
+through the plain decoder's start/one_step, which DDP does not see, so its gradients are all-reduced by
+hand after backward (Ranks.average_gradients), in one flat buffer as DDP does.
 """
 import contextlib
 import math
@@ -19,8 +26,11 @@ from tqdm.auto import tqdm
 from checkpoints import (RunLock, RunPaths, check_resume_keys, checkpoint_bytes, load_checkpoint, run_name,
                          save_checkpoint)
 from config import CFG_SCHEMA, MODEL_KEYS, default_cfg, upgrade_cfg
+from data_files import data_paths, feature_cache_path
 from datasets import CaptionDataset, ImageCaptionsDataset, check_data_files, load_word_map, normalize_images
-from features import ensure_feature_cache
+from distributed import Ranks, contiguous_slice, shard_indices, unwrapped
+from features import (build_feature_cache, cache_problem, encoder_fingerprint, ensure_feature_cache,
+                      join_feature_parts)
 from models import Encoder, build_decoder
 from cider import CiderD
 from run_log import RunLog
@@ -100,7 +110,14 @@ class Trainer:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.device = torch.device(cfg["device"])
+        self.ranks = Ranks.from_environment(cfg["device"])
+        with self.ranks.failures_named(), self.ranks.quiet_unless_main():
+            self.ranks.check_same_cfg(cfg)
+            self.start(cfg)
+
+    def start(self, cfg):
+        """The checks of the cfg, the data and the checkpoint to resume; the run's lock; then set_up."""
+        self.device = self.ranks.device  # cuda:LOCAL_RANK for a rank of a multi-GPU run
         self.cuda = self.device.type == "cuda"
         check_data_files(cfg["data_folder"], cfg["data_name"], ("TRAIN", "VAL"))
         self.word_map = load_word_map(cfg["data_folder"], cfg["data_name"])
@@ -114,7 +131,9 @@ class Trainer:
         cfg["run_name"] = self.resolve_run_name(resume)
         self.paths = RunPaths(cfg["run_name"], cfg["output_folder"])
         check_writable_folder(cfg["output_folder"], "cfg['output_folder'] (--output-folder)")
-        self.lock = RunLock(self.paths.lock).acquire()
+        self.lock = RunLock(self.paths.lock)
+        if self.ranks.is_main:  # the other ranks' pids may live on other machines
+            self.lock.acquire()
         try:
             self.set_up(resume)
         except BaseException:
@@ -129,8 +148,10 @@ class Trainer:
         else:
             self.refuse_to_rewind(resume)
             self.repair_best(resume)
-        for folder in {cfg["output_folder"], cfg["cache_folder"] or cfg["data_folder"]}:
-            remove_stale_temp_files(folder)
+        if self.ranks.is_main:
+            for folder in {cfg["output_folder"], cfg["cache_folder"] or cfg["data_folder"]}:
+                remove_stale_temp_files(folder)
+        self.ranks.barrier()  # no rank writes a temporary file before the stale ones are gone
         torch.manual_seed(cfg["seed"])
         self.encoder = build_encoder(cfg, weights=None if resume else cfg["encoder_weights"])
         self.decoder = build_decoder(cfg, len(self.word_map), self.encoder.encoder_dim)
@@ -160,8 +181,11 @@ class Trainer:
         self.stage = STAGES[cfg["training"]](self)
         self.image_size = None
         self.make_loaders()
+        self.decoder = self.ranks.wrap(self.decoder)
+        if cfg["fine_tune_encoder"]:
+            self.encoder = self.ranks.wrap(self.encoder)
         self.val_cider = None  # CIDEr-D over the VAL references, made when first needed
-        self.log = RunLog(cfg["output_folder"], self.paths.name)
+        self.log = RunLog(cfg["output_folder"], self.paths.name, only_writer=self.ranks.is_main)
 
     @property
     def decoder_lr_key(self):
@@ -170,8 +194,14 @@ class Trainer:
 
     @property
     def decoder_module(self):
-        """The decoder itself (what it declares: has_attention, attention_regularization, ...)."""
-        return self.decoder
+        """The decoder itself, not its DDP wrapper (what it declares: has_attention, attention_regularization,
+        ...; its start/one_step for decoding; its state_dict)."""
+        return unwrapped(self.decoder)
+
+    @property
+    def encoder_module(self):
+        """The encoder itself, not its DDP wrapper."""
+        return unwrapped(self.encoder)
 
     # ------------------------------------------------------------ checks before any work
 
@@ -249,7 +279,7 @@ class Trainer:
             return
         best = self.paths.best
         best_epoch = load_checkpoint(best).get("epoch") if os.path.isfile(best) else None
-        if best_epoch != resume["epoch"]:
+        if best_epoch != resume["epoch"] and self.ranks.is_main:
             print(f"note: {best!r} holds epoch {best_epoch}, but the best epoch of the history is {resume['epoch']}: "
                   f"rewriting it from {self.cfg['checkpoint']!r}")
             save_checkpoint({key: value for key, value in resume.items() if key not in ("format", "format_version")},
@@ -257,7 +287,7 @@ class Trainer:
 
     def check_space_for_checkpoints(self):
         """The last and best checkpoints must fit on the output disk (each is written beside the old one)."""
-        state = {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict()}
+        state = {"encoder": self.encoder_module.state_dict(), "decoder": self.decoder_module.state_dict()}
         optimizer_factor = 3  # the weights plus Adam's two moments of every trained parameter
         needed = checkpoint_bytes(state) * optimizer_factor * 2
         check_free_space(self.cfg["output_folder"], needed, "the last and best checkpoints",
@@ -316,14 +346,19 @@ class Trainer:
             val = ImageCaptionsDataset(cfg["data_folder"], cfg["data_name"], "VAL", features["VAL"])
             batch = max(1, cfg["batch_size"] // train.captions_per_image)
         self.image_size = int(train.image(0).shape[-1])
-        # BatchNorm cannot train on a last batch of one image.
-        drop_last = len(train) % batch == 1
-        # The shuffle has a generator of its own, reseeded every epoch; the loader's generator (which draws the
-        # workers' seeds when they start, in a process's first epoch only) is another, so the order of an epoch
-        # is the same whether the process started with it (a resume) or not.
-        self.shuffle = torch.Generator()
-        sampler = torch.utils.data.RandomSampler(train, generator=self.shuffle)
+        # Each rank reads every world_size-th item of the epoch's permutation, drawn from seed * 100_003 + epoch
+        # (set_epoch): one process reads the same permutation as RandomSampler with that seed, and the order of
+        # an epoch is the same whether the process started with it (a resume) or not. The loader's generator
+        # (which draws the workers' seeds when they start) is another.
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            train, num_replicas=self.ranks.world_size, rank=self.ranks.rank, shuffle=True, seed=cfg["seed"] * 100_003)
+        # BatchNorm cannot train on a last batch of one image (every rank has as many items: the same choice).
+        drop_last = len(sampler) % batch == 1
         self.val_dataset = val
+        # Validation: each rank its share of the val items, none twice (their metrics are gathered).
+        self.val_indices = shard_indices(len(val), self.ranks.rank, self.ranks.world_size)
+        if self.ranks.distributed:
+            val = torch.utils.data.Subset(val, self.val_indices)
         if getattr(self.stage, "needs_image_index", False):
             train = WithImageIndex(train)
         worker_seeds = torch.Generator().manual_seed(cfg["seed"])
@@ -334,8 +369,33 @@ class Trainer:
     def feature_file(self, split, workers):
         cfg = self.cfg
         self.encoder.eval()
-        return ensure_feature_cache(self.encoder, cfg["data_folder"], cfg["data_name"], split, cfg["cache_folder"],
-                                    batch_size=max(1, cfg["batch_size"]), workers=workers, device=self.device)
+        if not self.ranks.distributed:
+            return ensure_feature_cache(self.encoder, cfg["data_folder"], cfg["data_name"], split,
+                                        cfg["cache_folder"], batch_size=max(1, cfg["batch_size"]), workers=workers,
+                                        device=self.device)
+        return self.shared_feature_file(split, workers)
+
+    def shared_feature_file(self, split, workers):
+        """The feature cache of a split built by all ranks together: each encodes a contiguous slice into a
+        part file of its own, then rank 0 joins them into the cache atomically while the others wait; no
+        rank reads it before it is complete."""
+        cfg, ranks = self.cfg, self.ranks
+        data_folder, data_name = cfg["data_folder"], cfg["data_name"]
+        path = feature_cache_path(cfg["cache_folder"] or data_folder, data_name, split, self.encoder.backbone_name)
+        fingerprint = encoder_fingerprint(self.encoder, data_paths(data_folder, data_name, split)["images"],
+                                          data_folder, data_name)
+        if ranks.from_main(lambda: cache_problem(path, fingerprint) is None):
+            return path
+        parts = [f"{path}.part{rank}of{ranks.world_size}" for rank in range(ranks.world_size)]
+        start, end = contiguous_slice(len(ImageCaptionsDataset(data_folder, data_name, split)), ranks.rank,
+                                      ranks.world_size)
+        build_feature_cache(self.encoder, data_folder, data_name, split, parts[ranks.rank], fingerprint,
+                            max(1, cfg["batch_size"]), workers, self.device, indices=range(start, end))
+        ranks.barrier()
+        if ranks.is_main:
+            join_feature_parts(parts, path, fingerprint, self.encoder.backbone_name)
+        ranks.barrier()
+        return path
 
     # ------------------------------------------------------------ one batch
 
@@ -360,6 +420,8 @@ class Trainer:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if getattr(self.stage, "decodes_unwrapped", False):  # DDP's forward did not run: no all-reduce yet
+            self.ranks.average_gradients(self.decoder_module)
         if self.cfg["grad_clip"] is not None:
             for optimizer in optimizers:
                 self.scaler.unscale_(optimizer)
@@ -374,7 +436,7 @@ class Trainer:
         loss, stats = self.stage.loss(batch)
         check_finite(loss.item(), f"the training loss at {where}", self.paths.last)
         self.warm_up()
-        self.step(loss)
+        self.step(loss * self.ranks.loss_weight(stats["loss"][1]))
         self.state["step"] += 1
         self.log.step(self.state["step"], {f"train/{key}": value for key, (value, _) in stats.items()})
         return stats
@@ -397,8 +459,8 @@ class Trainer:
         self.decoder.train()
         self.encoder.train(cfg["fine_tune_encoder"])  # a frozen encoder keeps its BatchNorm statistics
         averages = {}
-        self.shuffle.manual_seed(cfg["seed"] * 100_003 + epoch)
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch} train", unit="batch")
+        self.train_loader.sampler.set_epoch(epoch)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch} train", unit="batch", disable=not self.ranks.is_main)
         for i, batch in enumerate(bar):
             stats = self.train_step(batch, f"epoch {epoch}, batch {i}")
             for key, (value, count) in stats.items():
@@ -407,7 +469,17 @@ class Trainer:
             if cfg["print_freq"] and (i + 1) % cfg["print_freq"] == 0:
                 shown = "\t".join(f"{key} {average.avg:.4f}" for key, average in averages.items())
                 bar.write(f"Epoch: [{epoch}][{i + 1}/{len(self.train_loader)}]\t{shown}")
-        return {key: average.avg for key, average in averages.items()}
+        return {key: average.avg for key, average in self.summed_over_ranks(averages).items()}
+
+    def summed_over_ranks(self, averages):
+        """{key: Average} of this rank -> {key: Average} over the items of every rank."""
+        keys = sorted(averages)
+        totals = self.ranks.sum(*[averages[key].sum for key in keys], *[averages[key].count for key in keys])
+        merged = {}
+        for key, total, count in zip(keys, totals, totals[len(keys):]):
+            merged[key] = Average()
+            merged[key].update(total / max(count, 1), count)
+        return merged
 
     @torch.no_grad()
     def validate(self, epoch):
@@ -417,7 +489,7 @@ class Trainer:
         self.encoder.eval()
         losses, top5 = Average(), Average()
         references, hypotheses = [], []
-        for batch in tqdm(self.val_loader, desc=f"epoch {epoch} val", unit="batch"):
+        for batch in tqdm(self.val_loader, desc=f"epoch {epoch} val", unit="batch", disable=not self.ranks.is_main):
             forced = TeacherForced(self, batch)
             losses.update(forced.loss.item(), forced.targets.numel())
             top5.update(top5_accuracy(forced.packed_scores, forced.targets), forced.targets.numel())
@@ -427,10 +499,12 @@ class Trainer:
                                                  forced.decode_lengths):
                 references.append([strip_special(c, self.word_map) for c in all_captions[image].tolist()])
                 hypotheses.append(strip_special(prediction[:length], self.word_map))
+        losses, top5 = self.summed_over_ranks({"loss": losses, "top5": top5}).values()
         check_finite(losses.avg, f"the validation loss at epoch {epoch}", self.paths.last,
                      fix="check the VAL images or features for inf/NaN values (delete a damaged feature cache)")
-        return {"val_loss": losses.avg, "val_top5": top5.avg,
-                "val_bleu4": course_bleu(references, hypotheses)["bleu4"]}
+        shares = self.ranks.gather((references, hypotheses))  # BLEU-4 is a corpus score: once, over every image
+        bleu4 = self.ranks.from_main(lambda: course_bleu(*[sum(lists, []) for lists in zip(*shares)])["bleu4"])
+        return {"val_loss": losses.avg, "val_top5": top5.avg, "val_bleu4": bleu4}
 
     @torch.no_grad()
     def validate_by_decoding(self, epoch):
@@ -438,17 +512,26 @@ class Trainer:
         of the VAL references, as coco-caption computes them for a test split)."""
         self.decoder.eval()
         self.encoder.eval()
+        start, end = self.word_map["<start>"], self.word_map["<end>"]
+        captions = []
+        for batch in tqdm(self.val_loader, desc=f"epoch {epoch} val greedy", unit="batch",
+                          disable=not self.ranks.is_main):
+            with self.autocast():
+                encoder_out = self.encode(batch[0])  # (B, P, C)
+                captions += greedy_captions(self.decoder_module, encoder_out, start, end,
+                                            self.cfg["max_steps"]).captions(end)
+        shares = self.ranks.gather(list(zip(self.val_indices, captions)))
+        by_image = dict(pair for share in shares for pair in share)  # val index -> caption
+        return self.ranks.from_main(lambda: self.cider_of(by_image))
+
+    def cider_of(self, captions_by_image):
+        """Mean CIDEr-D of {val index: caption} over every val image."""
         if self.val_cider is None:
             cfg = self.cfg
             self.val_cider = CiderD(encoded_references(cfg["data_folder"], cfg["data_name"], "VAL", self.word_map),
                                     vocab_size=len(self.word_map))
-        start, end = self.word_map["<start>"], self.word_map["<end>"]
-        captions = []
-        for batch in tqdm(self.val_loader, desc=f"epoch {epoch} val greedy", unit="batch"):
-            with self.autocast():
-                encoder_out = self.encode(batch[0])  # (B, P, C)
-                captions += greedy_captions(self.decoder, encoder_out, start, end, self.cfg["max_steps"]).captions(end)
-        return float(self.val_cider.scores(captions, range(len(captions))).mean())
+        images = sorted(captions_by_image)
+        return float(self.val_cider.scores([captions_by_image[i] for i in images], images).mean())
 
     @contextlib.contextmanager
     def backend_settings(self):
@@ -468,14 +551,17 @@ class Trainer:
     def run(self):
         """Train, then release the run's lock; on Ctrl-C or SIGTERM say how to resume."""
         try:
-            with self.backend_settings():
-                return self.run_epochs()
+            with self.ranks.failures_named(), self.ranks.quiet_unless_main(), self.backend_settings():
+                result = self.run_epochs()
+            self.ranks.close()
+            return result
         except KeyboardInterrupt:
-            self.print_resume_command()
+            with self.ranks.quiet_unless_main():
+                self.print_resume_command()
             raise
         finally:
+            self.lock.release()  # first: a second signal (torchrun's SIGTERM after a failure) may cut this short
             self.log.close()
-            self.lock.release()
 
     def run_epochs(self):
         cfg, state = self.cfg, self.state
@@ -512,10 +598,13 @@ class Trainer:
 
     def save(self, is_best):
         """BEST first (when this epoch is best), then the last checkpoint: whichever a kill interrupts, the
-        last checkpoint on disk never records a best epoch that BEST does not hold."""
+        last checkpoint on disk never records a best epoch that BEST does not hold. Rank 0 alone writes."""
+        if not self.ranks.is_main:
+            return
         cfg = dict(self.cfg, checkpoint=None)
         checkpoint = {"cfg": cfg, "word_map": self.word_map, "image_size": self.image_size,
-                      "encoder_state": self.encoder.state_dict(), "decoder_state": self.decoder.state_dict(),
+                      "encoder_state": self.encoder_module.state_dict(),
+                      "decoder_state": self.decoder_module.state_dict(),
                       "encoder_optimizer": None if self.encoder_optimizer is None else self.encoder_optimizer.state_dict(),
                       "decoder_optimizer": self.decoder_optimizer.state_dict(), **self.state}
         if is_best:

@@ -117,6 +117,7 @@ class SelfCriticalStage:
 
     name = "scst"
     needs_image_index = True  # the loader gives each image's TRAIN index: its references in the reward
+    decodes_unwrapped = True  # samples through the plain decoder: under DDP the trainer all-reduces its gradients
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -132,7 +133,7 @@ class SelfCriticalStage:
         samples_per_image = cfg["scst_samples"]
         with trainer.autocast():
             encoder_out = trainer.encode(inputs)  # (B, P, C)
-            samples = sample_captions(trainer.decoder, encoder_out, samples_per_image, self.start, self.end,
+            samples = sample_captions(trainer.decoder_module, encoder_out, samples_per_image, self.start, self.end,
                                       cfg["max_steps"])
         sampled_images = image_index.repeat_interleave(samples_per_image)  # (B * n,)
         rewards = self.reward.scores(samples.captions(self.end), sampled_images).reshape(-1, samples_per_image)
@@ -148,7 +149,7 @@ class SelfCriticalStage:
         eval mode, as at test time)."""
         if self.trainer.cfg["scst_baseline"] == "mean":
             return mean_baseline(rewards)
-        decoder = self.trainer.decoder
+        decoder = self.trainer.decoder_module
         decoder.eval()
         try:
             greedy = greedy_captions(decoder, encoder_out.detach(), self.start, self.end, self.trainer.cfg["max_steps"])

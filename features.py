@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from datasets import ImageCaptionsDataset, data_paths, normalize_images
+from datasets import ImageCaptionsDataset, data_paths
+from encoding import encode_images, encoding_plan
 from utils import ToolkitError, atomic_path
 
 CACHE_FORMAT = "features/1"
@@ -101,7 +102,7 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
         start = 0
         with torch.inference_mode():
             for images, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
-                grid = encoder(normalize_images(images.to(device)))  # (B, G, G, C)
+                grid = encode_images(encoder, images.to(device), encoding_plan(encoder, image_size, batch_size))
                 batch = grid.reshape(grid.size(0), positions, channels).half().cpu().numpy()
                 features[start:start + len(batch)] = batch
                 start += len(batch)

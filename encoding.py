@@ -1,0 +1,110 @@
+"""The encoder pass at the speed of the device it runs on.
+
+How fast a CNN encodes depends on the memory layout of its tensors and on how many images it takes at
+once, and the best pair differs between devices: on a 2-core CPU a ResNet-101 encodes about 2.4 times
+faster in channels_last at 4 images a call than in the default layout at 50. `encoding_plan` measures the
+candidates once per (device, backbone, image size, grid) and process; `encode_images` runs the encoder
+that way. The layouts and chunk sizes compute the same function: results differ only within float tolerance.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from datasets import normalize_images
+
+CHUNK_SIZES = (1, 4, 16, 64, 256)  # the chunk sizes a probe tries below its limit, smallest first
+LAYOUTS = (torch.contiguous_format, torch.channels_last)
+SLOWER_STOP = 0.9  # a layout's probe stops growing the chunk when the rate falls below this share of its best
+_plans = {}  # (device, backbone, image size, grid, chunk limit) -> EncodingPlan, measured once per process
+
+
+@dataclass(frozen=True)
+class EncodingPlan:
+    """How to run an encoder: its memory layout and the number of images per call."""
+    memory_format: torch.memory_format
+    chunk_size: int
+    images_per_s: float = None  # what the probe measured (None: not measured)
+
+    def describe(self):
+        layout = "channels_last" if self.memory_format == torch.channels_last else "default layout"
+        rate = f", {self.images_per_s:.1f} images/s measured" if self.images_per_s else ""
+        return f"{layout}, {self.chunk_size} images per call{rate}"
+
+
+def encoder_device(encoder):
+    return next(encoder.parameters()).device
+
+
+def set_memory_format(encoder, memory_format):
+    """Put the encoder's weights in `memory_format` (in place; a no-op when they already are)."""
+    encoder.to(memory_format=memory_format)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(encoder, images):
+    """Wall time of one call of the encoder on `images`."""
+    started = time.perf_counter()
+    encoder(images)
+    synchronize(images.device)
+    return time.perf_counter() - started
+
+
+def probe_sizes(chunk_limit, chunk_sizes=CHUNK_SIZES):
+    """The chunk sizes worth trying for passes of at most chunk_limit images: those below it, and it."""
+    return [size for size in chunk_sizes if size < chunk_limit] + [chunk_limit]
+
+
+@torch.inference_mode()
+def probe_plan(encoder, image_size, chunk_limit, layouts=LAYOUTS):
+    """Measure images/s of the eval-mode encoder in each layout at growing chunk sizes (up to chunk_limit)
+    on random images; return the fastest as an EncodingPlan. The encoder is left in the plan's layout."""
+    device = encoder_device(encoder)
+    was_training = encoder.training
+    encoder.eval()
+    sizes = probe_sizes(chunk_limit)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(sizes[-1], 3, image_size, image_size, generator=generator).to(device)
+    best = None
+    for memory_format in layouts:
+        set_memory_format(encoder, memory_format)
+        seconds_per_call(encoder, noise[:1].contiguous(memory_format=memory_format))  # warm-up: kernels, caches
+        layout_best = 0.0
+        for size in sizes:
+            rate = size / seconds_per_call(encoder, noise[:size].contiguous(memory_format=memory_format))
+            if best is None or rate > best.images_per_s:
+                best = EncodingPlan(memory_format, size, rate)
+            if rate < SLOWER_STOP * layout_best:
+                break
+            layout_best = max(layout_best, rate)
+    encoder.train(was_training)
+    set_memory_format(encoder, best.memory_format)
+    return best
+
+
+def encoding_plan(encoder, image_size, chunk_limit):
+    """The fastest plan for this encoder on its device for passes of up to chunk_limit images, measured on
+    first use and then remembered; the encoder is put in the plan's layout."""
+    device = encoder_device(encoder)
+    key = (str(device), encoder.backbone_name, image_size, encoder.encoded_image_size, chunk_limit)
+    if key not in _plans:
+        _plans[key] = probe_plan(encoder, image_size, chunk_limit)
+        print(f"encoder pass of {encoder.backbone_name} at {image_size} px on {device}, up to {chunk_limit} images "
+              f"at once: {_plans[key].describe()}")
+    set_memory_format(encoder, _plans[key].memory_format)
+    return _plans[key]
+
+
+def encode_images(encoder, images, plan=None):
+    """uint8 images (B, 3, S, S) on the encoder's device -> encodings (B, G, G, C), chunk by chunk in the
+    plan's memory layout (when plan is None: the fastest one measured for batches of this size). Runs under inference_mode: for
+    testing, captioning and feature caches, not for training."""
+    plan = plan or encoding_plan(encoder, images.shape[-1], len(images))
+    with torch.inference_mode():
+        grids = [encoder(normalize_images(chunk).contiguous(memory_format=plan.memory_format))
+                 for chunk in images.split(plan.chunk_size)]  # each (b, G, G, C)
+        return torch.cat(grids)  # (B, G, G, C)

@@ -15,7 +15,8 @@ from datasets import normalize_images
 
 CHUNK_SIZES = (1, 4, 16, 64, 256)  # the chunk sizes a probe tries below its limit, smallest first
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
-SLOWER_STOP = 0.9  # a layout's probe stops growing the chunk when the rate falls below this share of its best
+SLOWER_STOP = 0.9  # a layout's probe stops growing the chunk when its rate falls below this share of its best
+LOSING = 0.5  # ... or below this share of the best rate of any layout
 _plans = {}  # (device, backbone, image size, grid, chunk limit) -> EncodingPlan, measured once per process
 
 
@@ -61,26 +62,25 @@ def probe_sizes(chunk_limit, chunk_sizes=CHUNK_SIZES):
 
 @torch.inference_mode()
 def probe_plan(encoder, image_size, chunk_limit, layouts=LAYOUTS):
-    """Measure images/s of the eval-mode encoder in each layout at growing chunk sizes (up to chunk_limit)
-    on random images; return the fastest as an EncodingPlan. The encoder is left in the plan's layout."""
+    """Measure images/s of the eval-mode encoder on random images, each layout at growing chunk sizes (up to
+    chunk_limit), the layouts side by side; a layout stops growing past its peak or when it is clearly losing.
+    Returns the fastest as an EncodingPlan; the encoder is left in the plan's layout."""
     device = encoder_device(encoder)
     was_training = encoder.training
     encoder.eval()
     sizes = probe_sizes(chunk_limit)
-    generator = torch.Generator().manual_seed(0)
-    noise = torch.randn(sizes[-1], 3, image_size, image_size, generator=generator).to(device)
-    best = None
-    for memory_format in layouts:
-        set_memory_format(encoder, memory_format)
-        seconds_per_call(encoder, noise[:1].contiguous(memory_format=memory_format))  # warm-up: kernels, caches
-        layout_best = 0.0
-        for size in sizes:
-            rate = size / seconds_per_call(encoder, noise[:size].contiguous(memory_format=memory_format))
+    noise = torch.randn(sizes[-1], 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    best, layout_best, growing = None, dict.fromkeys(layouts, 0.0), list(layouts)
+    for size in sizes:
+        for memory_format in list(growing):
+            set_memory_format(encoder, memory_format)
+            images = noise[:size].contiguous(memory_format=memory_format)
+            rate = size / min(seconds_per_call(encoder, images) for _ in range(2))  # the first call warms up
             if best is None or rate > best.images_per_s:
                 best = EncodingPlan(memory_format, size, rate)
-            if rate < SLOWER_STOP * layout_best:
-                break
-            layout_best = max(layout_best, rate)
+            if rate < SLOWER_STOP * layout_best[memory_format] or rate < LOSING * best.images_per_s:
+                growing.remove(memory_format)
+            layout_best[memory_format] = max(layout_best[memory_format], rate)
     encoder.train(was_training)
     set_memory_format(encoder, best.memory_format)
     return best

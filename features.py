@@ -100,9 +100,10 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
         features = h5.create_dataset("features", (len(dataset), positions, channels), dtype="float16",
                                      chunks=(1, positions, channels))
         start = 0
+        plan = encoding_plan(encoder, image_size, min(batch_size, len(dataset)))
         with torch.inference_mode():
             for images, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
-                grid = encode_images(encoder, images.to(device), encoding_plan(encoder, image_size, batch_size))
+                grid = encode_images(encoder, images.to(device), plan)  # (B, G, G, C)
                 batch = grid.reshape(grid.size(0), positions, channels).half().cpu().numpy()
                 features[start:start + len(batch)] = batch
                 start += len(batch)

@@ -6,6 +6,7 @@ faster in channels_last at 4 images a call than in the default layout at 50. `en
 candidates once per (device, backbone, image size, grid) and process; `encode_images` runs the encoder
 that way. The layouts and chunk sizes compute the same function: results differ only within float tolerance.
 """
+import sys
 import time
 from dataclasses import dataclass
 
@@ -93,8 +94,8 @@ def encoding_plan(encoder, image_size, chunk_limit):
     key = (str(device), encoder.backbone_name, image_size, encoder.encoded_image_size, chunk_limit)
     if key not in _plans:
         _plans[key] = probe_plan(encoder, image_size, chunk_limit)
-        print(f"encoder pass of {encoder.backbone_name} at {image_size} px on {device}, up to {chunk_limit} images "
-              f"at once: {_plans[key].describe()}")
+        print(f"note: encoder pass of {encoder.backbone_name} at {image_size} px on {device}, up to {chunk_limit} "
+              f"images at once: {_plans[key].describe()}", file=sys.stderr)
     set_memory_format(encoder, _plans[key].memory_format)
     return _plans[key]
 

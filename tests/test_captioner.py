@@ -110,7 +110,7 @@ def test_the_probe_picks_a_measured_plan_once_and_restores_the_mode(capsys):
     assert plan.memory_format in encoding.LAYOUTS and plan.chunk_size in (1, 4, 6) and plan.images_per_s > 0
     assert encoder.training
     assert encoding.encoding_plan(encoder, 32, 6) is plan
-    assert capsys.readouterr().out.count("encoder pass of resnet18 at 32 px") == 1
+    assert capsys.readouterr().err.count("encoder pass of resnet18 at 32 px") == 1
     weight = encoder.trunk[0].weight
     assert weight.is_contiguous(memory_format=plan.memory_format)
 

@@ -100,6 +100,57 @@ def encoding_plan(encoder, image_size, chunk_limit):
     return _plans[key]
 
 
+_training_layouts = {}  # (device, backbone, image size, grid, batch, trains) -> memory format, measured once
+
+
+def seconds_per_step(encoder, images, trains):
+    """Wall time of the encoder's part of a training step: forward, and backward when some weights train."""
+    started = time.perf_counter()
+    with torch.set_grad_enabled(trains):
+        grid = encoder(images)
+        if trains:
+            grid.float().sum().backward()
+    synchronize(images.device)
+    return time.perf_counter() - started
+
+
+def probe_training_layout(encoder, image_size, batch_size, layouts=LAYOUTS):
+    """The memory layout in which the encoder's part of a training step on one batch is fastest, measured on
+    random images (best of two steps each); BatchNorm statistics, mode and gradients are left as they were,
+    the weights in the chosen layout."""
+    device = encoder_device(encoder)
+    was_training = encoder.training
+    encoder.eval()  # BatchNorm keeps its running statistics
+    trains = any(parameter.requires_grad for parameter in encoder.parameters())
+    noise = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    seconds = {}
+    for memory_format in layouts:
+        set_memory_format(encoder, memory_format)
+        images = noise.contiguous(memory_format=memory_format)
+        seconds[memory_format] = min(seconds_per_step(encoder, images, trains) for _ in range(2))
+    for parameter in encoder.parameters():
+        parameter.grad = None
+    encoder.train(was_training)
+    fastest = min(seconds, key=seconds.get)
+    set_memory_format(encoder, fastest)
+    return fastest
+
+
+def training_layout(encoder, image_size, batch_size):
+    """The fastest memory layout for training steps with this encoder in the loop, measured on first use and
+    then remembered; the encoder is put in it."""
+    device = encoder_device(encoder)
+    trains = any(parameter.requires_grad for parameter in encoder.parameters())
+    key = (str(device), encoder.backbone_name, image_size, encoder.encoded_image_size, batch_size, trains)
+    if key not in _training_layouts:
+        _training_layouts[key] = probe_training_layout(encoder, image_size, batch_size)
+        layout = "channels_last" if _training_layouts[key] == torch.channels_last else "default layout"
+        print(f"note: training steps of {encoder.backbone_name} at {image_size} px on {device}, {batch_size} images "
+              f"a batch: {layout} (measured)", file=sys.stderr)
+    set_memory_format(encoder, _training_layouts[key])
+    return _training_layouts[key]
+
+
 def encode_images(encoder, images, plan=None):
     """uint8 images (B, 3, S, S) on the encoder's device -> encodings (B, G, G, C), chunk by chunk in the
     plan's memory layout (when plan is None: the fastest one measured for batches of this size). Runs under inference_mode: for

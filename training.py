@@ -20,6 +20,7 @@ from checkpoints import (RunLock, RunPaths, check_resume_keys, checkpoint_bytes,
                          save_checkpoint)
 from config import CFG_SCHEMA, MODEL_KEYS, default_cfg, upgrade_cfg
 from datasets import CaptionDataset, ImageCaptionsDataset, check_data_files, load_word_map, normalize_images
+from encoding import training_layout
 from features import ensure_feature_cache
 from models import Encoder, build_decoder
 from cider import CiderD
@@ -160,6 +161,9 @@ class Trainer:
         self.stage = STAGES[cfg["training"]](self)
         self.image_size = None
         self.make_loaders()
+        if cfg["channels_last"] is None and not self.uses_cache and not cfg["deterministic"]:  # encoder in the loop
+            self.channels_last = training_layout(self.encoder, self.image_size,
+                                                 self.train_loader.batch_size) == torch.channels_last
         self.val_cider = None  # CIDEr-D over the VAL references, made when first needed
         self.log = RunLog(cfg["output_folder"], self.paths.name)
 

@@ -157,3 +157,22 @@ def test_a_checkpoint_of_a_newer_format_is_refused(trained, tmp_path):
     torch.save(checkpoint, newer)
     with pytest.raises(ToolkitError, match="newer version of this toolkit"):
         Captioner.from_checkpoint(str(newer))
+
+
+def test_the_training_probe_leaves_statistics_mode_and_gradients_as_they_were():
+    encoder = Encoder(2, "resnet18", weights=None)
+    encoder.fine_tune(True)
+    encoder.train()
+    before = {name: tensor.clone() for name, tensor in encoder.state_dict().items()}
+    layout = encoding.training_layout(encoder, 32, 3)
+    assert layout in encoding.LAYOUTS and encoder.training
+    assert all(parameter.grad is None for parameter in encoder.parameters())
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_training_with_the_encoder_in_the_loop_measures_its_layout(tiny_shapes, tmp_path, capsys):
+    result = solver.train(tiny_cfg(tiny_shapes, tmp_path, decoder="rnn", feature_cache=False))
+    err = capsys.readouterr().err
+    assert "note: training steps of resnet18 at 64 px on cpu" in err and "(measured)" in err
+    assert os.path.exists(result["best_checkpoint"])

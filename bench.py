@@ -558,8 +558,9 @@ def encoder_section(data, work, settings, feature_cache):
             return solver.test(checkpoint, beam_size=BEAM_SIZE, split="VAL", batch_size=BEAM_BATCH, device="cpu",
                                coco_metrics=False)
 
-    fastest = fastest_alternately({"reference": reference_pass, "toolkit": lambda batch: encode_images(toolkit, batch, plan),
-                                   "test": test_path}, settings.timing_rounds, images)
+    passes = {"reference": reference_pass, "toolkit": lambda batch: encode_images(toolkit, batch, plan),
+              "test": test_path}
+    fastest = fastest_alternately(passes, settings.timing_rounds, images)
     rates = {"reference": len(images) / fastest["reference"][1], "toolkit": len(images) / fastest["toolkit"][1],
              "test": len(dataset) / fastest["test"][1]}
     report("encoder_plan", f"{plan.describe()} (probe {probe_seconds:.1f} s, once per process)")

@@ -167,7 +167,8 @@ class Captioner:
         """The fields of a result for one beam_search Caption."""
         text = " ".join(self.words[w] for w in strip_special(found.words, self.word_map))
         return {"caption": text, "words": [self.words[w] for w in found.words], "seq": found.words,
-                "score": found.score, "alphas": found.alphas, "betas": found.betas, "grid": self.cfg["encoded_image_size"]}
+                "score": found.score, "alphas": found.alphas, "betas": found.betas,
+                "grid": self.cfg["encoded_image_size"]}
 
 
 def result_figure(result, smooth=True, out=None):

@@ -153,8 +153,8 @@ def training_layout(encoder, image_size, batch_size):
 
 def encode_images(encoder, images, plan=None):
     """uint8 images (B, 3, S, S) on the encoder's device -> encodings (B, G, G, C), chunk by chunk in the
-    plan's memory layout (when plan is None: the fastest one measured for batches of this size). Runs under inference_mode: for
-    testing, captioning and feature caches, not for training."""
+    plan's memory layout (when plan is None: the fastest one measured for batches of this size). Runs under
+    inference_mode: for testing, captioning and feature caches, not for training."""
     plan = plan or encoding_plan(encoder, images.shape[-1], len(images))
     with torch.inference_mode():
         grids = [encoder(normalize_images(chunk).contiguous(memory_format=plan.memory_format))

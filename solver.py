@@ -13,8 +13,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from captioner import (Captioner, check_beam_size, clamp_beam_size, load_for_inference, read_image,  # noqa: F401
-                       result_figure)
+from captioner import Captioner, check_beam_size, clamp_beam_size, result_figure
 from checkpoints import load_checkpoint
 from config import add_cfg_options, upgrade_cfg, validate_cfg, with_env_overrides  # noqa: F401 (notebooks)
 from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map

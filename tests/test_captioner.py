@@ -47,7 +47,8 @@ def test_captioner_gives_beam_search_captions_for_paths_pil_images_and_tensors(t
     for result in results:
         assert result["words"] == [words[w] for w in result["seq"]] and result["error"] is None
         assert result["caption"] == " ".join(w for w in result["words"] if w not in ("<start>", "<end>", "<pad>"))
-        assert result["alphas"].shape == (len(result["seq"]) - 1, 16) and result["betas"].shape == (len(result["seq"]) - 1,)
+        steps = len(result["seq"]) - 1  # generated words: all but <start>
+        assert result["alphas"].shape == (steps, 16) and result["betas"].shape == (steps,)
 
 
 def test_a_bad_image_is_reported_and_the_others_are_captioned(trained, tiny_shapes, tmp_path, capsys):

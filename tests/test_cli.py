@@ -116,7 +116,8 @@ def subcommand_parsers():
     """subcommand name -> its argparse parser."""
     import solver
 
-    commands = next(action for action in solver.build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    commands = next(action for action in solver.build_parser()._actions
+                    if isinstance(action, argparse._SubParsersAction))
     return commands.choices
 
 
@@ -126,8 +127,8 @@ def test_every_keyword_of_the_functions_has_its_option_and_help_lists_defaults()
     from config import CFG_SCHEMA
 
     parsers = subcommand_parsers()
-    functions = {"test": (solver.test, None), "caption": (solver.caption, None), "compare": (solver.compare, solver.test),
-                 "import-course": (import_course_checkpoint, None)}
+    functions = {"test": (solver.test, None), "caption": (solver.caption, None),
+                 "compare": (solver.compare, solver.test), "import-course": (import_course_checkpoint, None)}
     for command, (function, extra) in functions.items():
         names = {parameter.name for parameter in inspect.signature(function).parameters.values()
                  if parameter.kind != parameter.VAR_KEYWORD}
@@ -139,7 +140,8 @@ def test_every_keyword_of_the_functions_has_its_option_and_help_lists_defaults()
         for parameter in inspect.signature(function).parameters.values():
             if parameter.default is not inspect.Parameter.empty:
                 option = "--" + parameter.name.replace("_", "-")
-                assert f"(default: {parameter.default})" in " ".join(text.split(option, 1)[1].split()), (command, option)
+                after = " ".join(text.split(option, 1)[1].split())  # the option's help, whitespace normalised
+                assert f"(default: {parameter.default})" in after, (command, option)
     for command in ("train", "cache-features"):
         destinations = {action.dest for action in parsers[command]._actions if action.dest != "help"}
         assert set(CFG_SCHEMA) <= destinations

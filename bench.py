@@ -546,7 +546,7 @@ def encoder_section(data, work, settings, feature_cache):
     images = torch.stack([dataset[index][0] for index in range(min(BEAM_BATCH, len(dataset)))])  # uint8 (N, 3, S, S)
     reference = Encoder(settings.grid, settings.backbone, data.encoder_weights).eval()
     toolkit = copy.deepcopy(reference)
-    plan, probe_seconds = timed(encoding_plan, toolkit, settings.image_size, BEAM_BATCH)
+    plan, probe_seconds = timed(encoding_plan, toolkit, settings.image_size, len(images))  # as test will probe
     checkpoint = bench_checkpoint(data, work, settings, reference)
 
     def reference_pass(batch):

@@ -85,10 +85,17 @@ def image_tensor(source, image_size):
     return read_image(source, image_size)
 
 
-def expand_folders(sources):
-    """Sources with every folder replaced by the image files in it (sorted by name)."""
+def is_one_image(images):
+    """True for a single path, PIL image or (3, H, W) tensor; False for a list of them or a (B, 3, H, W) tensor."""
+    if isinstance(images, torch.Tensor):
+        return images.dim() == 3
+    return isinstance(images, (str, os.PathLike, Image.Image))
+
+
+def expand_folders(images):
+    """A list of sources, with every folder replaced by the image files in it (sorted by name)."""
     expanded = []
-    for source in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+    for source in [images] if is_one_image(images) else images:
         if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
             names = sorted(name for name in os.listdir(source) if name.lower().endswith(IMAGE_EXTENSIONS))
             if not names:
@@ -120,9 +127,10 @@ class Captioner:
         checkpoint, encoder, decoder = load_for_inference(path, device)
         return cls(encoder, decoder, checkpoint["word_map"], checkpoint["image_size"], checkpoint["cfg"])
 
-    def encode(self, images, batch_size=50):
-        """uint8 images (B, 3, S, S) -> encodings (B, G, G, C) on the model's device."""
-        plan = encoding_plan(self.encoder, self.image_size, batch_size)
+    def encode(self, images, largest_batch=50):
+        """uint8 images (B, 3, S, S) -> encodings (B, G, G, C) on the model's device, in the layout and chunk size
+        measured fastest for passes of up to largest_batch images."""
+        plan = encoding_plan(self.encoder, self.image_size, largest_batch)
         return encode_images(self.encoder, images.to(self.device), plan)
 
     def decode(self, encoder_out, beam_size=3, max_steps=50):
@@ -131,7 +139,8 @@ class Captioner:
                            max_steps)
 
     def caption(self, images, beam_size=3, max_steps=50, batch_size=50):
-        """Caption paths (files or folders), PIL images or uint8 tensors (3, H, W), batch_size at a time.
+        """Caption paths (files or folders), PIL images or uint8 tensors (3, H, W) (one, a list, or a tensor
+        (B, 3, H, W)), batch_size at a time.
 
         Returns one dict per image, in order: path (None for an image in memory), caption (str; None when
         the image could not be read, with the reason in error), words (every word from <start> to <end>),
@@ -142,11 +151,12 @@ class Captioner:
         beam_size = clamp_beam_size(beam_size, self.word_map)
         sources = expand_folders(images)
         results = []
+        largest_batch = min(batch_size, len(sources))
         for start in range(0, len(sources), batch_size):
-            results.extend(self.caption_batch(sources[start:start + batch_size], beam_size, max_steps, batch_size))
+            results.extend(self.caption_batch(sources[start:start + batch_size], beam_size, max_steps, largest_batch))
         return results
 
-    def caption_batch(self, sources, beam_size, max_steps, batch_size):
+    def caption_batch(self, sources, beam_size, max_steps, largest_batch):
         """Results of caption() for one batch of sources: the readable ones go through the model together."""
         results, pixels = [], []
         for source in sources:
@@ -158,7 +168,7 @@ class Captioner:
                 results[-1]["error"] = str(error)
         readable = [result for result in results if result["error"] is None]
         if readable:
-            encoder_out = self.encode(torch.stack(pixels), batch_size)  # (B, G, G, C)
+            encoder_out = self.encode(torch.stack(pixels), largest_batch)  # (B, G, G, C)
             for result, found in zip(readable, self.decode(encoder_out, beam_size, max_steps)):
                 result.update(self.describe(found))
         return results

@@ -60,7 +60,7 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     references, hypotheses = [], []
     for images, captions, _ in tqdm(loader, desc=f"beam search {split} (k={beam_size})", unit="batch"):
         images = torch.zeros_like(images) if blind else images
-        found = captioner.decode(captioner.encode(images, batch_size), beam_size, max_steps)
+        found = captioner.decode(captioner.encode(images, min(batch_size, len(dataset))), beam_size, max_steps)
         for caption_, image_captions in zip(found, captions.tolist()):
             references.append([strip_special(c, word_map) for c in image_captions])
             hypotheses.append(strip_special(caption_.words, word_map))

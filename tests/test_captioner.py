@@ -71,6 +71,8 @@ def test_a_tensor_of_another_size_is_resized_like_a_file(trained, tiny_shapes):
         large = torch.from_numpy(np.array(image.convert("RGB").resize((96, 96)))).permute(2, 0, 1)
         from_pil = captioner.caption([image.resize((96, 96))], beam_size=2)
     assert captioner.caption([large], beam_size=2)[0]["seq"] == from_pil[0]["seq"]
+    assert captioner.caption(large, beam_size=2)[0]["seq"] == from_pil[0]["seq"]  # one image, not a list
+    assert len(captioner.caption(torch.stack([large, large]), beam_size=2)) == 2  # a batch tensor
 
 
 def test_caption_writes_json_lines_and_figures_for_a_folder(trained, tiny_shapes, tmp_path):

@@ -18,7 +18,8 @@ CHUNK_SIZES = (1, 4, 16, 64, 256)  # the chunk sizes a probe tries below its lim
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
 SLOWER_STOP = 0.9  # a layout's probe stops growing the chunk when its rate falls below this share of its best
 LOSING = 0.5  # ... or below this share of the best rate of any layout
-PROBE_SECONDS = 10.0  # the probe tries no larger chunk once it has spent this long (a slow or busy device)
+PROBE_SECONDS = 10.0  # past MIN_PROBED_CHUNK, the probe tries no larger chunk once it has spent this long
+MIN_PROBED_CHUNK = 16  # chunk sizes up to this one are always tried (single images suffer most on a busy CPU)
 _plans = {}  # (device, backbone, image size, grid, chunk limit) -> EncodingPlan, measured once per process
 
 
@@ -66,7 +67,7 @@ def probe_sizes(chunk_limit, chunk_sizes=CHUNK_SIZES):
 def probe_plan(encoder, image_size, chunk_limit, layouts=LAYOUTS):
     """Measure images/s of the eval-mode encoder on random images, each layout at growing chunk sizes (up to
     chunk_limit), the layouts side by side; a layout stops growing past its peak or when it is clearly losing,
-    and no larger size is tried once the probe has taken PROBE_SECONDS.
+    and past MIN_PROBED_CHUNK no larger size is tried once the probe has taken PROBE_SECONDS.
     Returns the fastest as an EncodingPlan; the encoder is left in the plan's layout."""
     device = encoder_device(encoder)
     was_training = encoder.training
@@ -76,7 +77,7 @@ def probe_plan(encoder, image_size, chunk_limit, layouts=LAYOUTS):
     best, layout_best, growing = None, dict.fromkeys(layouts, 0.0), list(layouts)
     started = time.perf_counter()
     for size in sizes:
-        if best is not None and time.perf_counter() - started > PROBE_SECONDS:
+        if size > MIN_PROBED_CHUNK and time.perf_counter() - started > PROBE_SECONDS:
             break
         for memory_format in list(growing):
             set_memory_format(encoder, memory_format)

@@ -51,11 +51,19 @@ def synchronize(device):
 
 
 def seconds_per_call(encoder, images):
-    """Wall time of one call of the encoder on `images`."""
+    """Wall time of one call of the encoder on `images` (a chunk)."""
     started = time.perf_counter()
     encoder(images)
     synchronize(images.device)
     return time.perf_counter() - started
+
+
+def images_per_second(encoder, images, least_images=MIN_PROBED_CHUNK):
+    """Rate of the encoder on chunks like `images` over at least least_images images, after one warm-up call
+    (so that a small chunk's rate is not one lucky moment of a busy CPU)."""
+    seconds_per_call(encoder, images)
+    calls = -(-least_images // len(images))  # ceil
+    return calls * len(images) / sum(seconds_per_call(encoder, images) for _ in range(calls))
 
 
 def probe_sizes(chunk_limit, chunk_sizes=CHUNK_SIZES):
@@ -82,7 +90,7 @@ def probe_plan(encoder, image_size, chunk_limit, layouts=LAYOUTS):
         for memory_format in list(growing):
             set_memory_format(encoder, memory_format)
             images = noise[:size].contiguous(memory_format=memory_format)
-            rate = size / min(seconds_per_call(encoder, images) for _ in range(2))  # the first call warms up
+            rate = images_per_second(encoder, images)
             if best is None or rate > best.images_per_s:
                 best = EncodingPlan(memory_format, size, rate)
             if rate < SLOWER_STOP * layout_best[memory_format] or rate < LOSING * best.images_per_s:

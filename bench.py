@@ -15,6 +15,8 @@ one process, with data loading in that process too (workers=0), so both sides of
 """
 import argparse
 import contextlib
+import copy
+import io
 import itertools
 import json
 import math
@@ -35,13 +37,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import get_model
 from tqdm import tqdm
 
+import solver
 from beam_search import beam_search, beam_search_one
+from checkpoints import save_checkpoint
 from create_input_files import create_input_files
 from data_files import base_name
-from datasets import ImageCaptionsDataset, normalize_images
+from datasets import ImageCaptionsDataset, load_word_map, normalize_images
+from encoding import encode_images, encoding_plan
 from config import validate_cfg
 from features import ensure_feature_cache
-from models import BACKBONES, Encoder
+from models import BACKBONES, Encoder, build_decoder
 from shapes import IMAGE_FOLDER, JPEG_QUALITY, make_shapes_dataset
 from training import Trainer
 from utils import atomic_path, run_cli
@@ -622,6 +627,60 @@ def backbone_table(image_size=256, encoded_image_size=14, backbones=BACKBONES):
 
 # ---------------------------------------------------------------- main
 
+def encoder_section(data, work, settings, feature_cache):
+    """The toolkit's encoder pass (measured layout and chunk size) against the plain encoder at batch 50 in the
+    default layout, and the whole test path (encoder and beam search) over the same VAL images; the feature
+    cache build rate of the training section beside them. Returns the figures."""
+    dataset = ImageCaptionsDataset(data.folder, data.name, "VAL")
+    images = torch.stack([dataset[index][0] for index in range(min(BEAM_BATCH, len(dataset)))])  # uint8 (N, 3, S, S)
+    reference = Encoder(settings.grid, settings.backbone, data.encoder_weights).eval()
+    toolkit = copy.deepcopy(reference)
+    plan, probe_seconds = timed(encoding_plan, toolkit, settings.image_size, len(images))  # as test will probe
+    checkpoint = bench_checkpoint(data, work, settings, reference)
+
+    def reference_pass(batch):
+        with torch.inference_mode():
+            return reference(normalize_images(batch))
+
+    def test_path(_):
+        with contextlib.redirect_stdout(io.StringIO()):
+            return solver.test(checkpoint, beam_size=BEAM_SIZE, split="VAL", batch_size=BEAM_BATCH, device="cpu",
+                               coco_metrics=False)
+
+    passes = {"reference": reference_pass, "toolkit": lambda batch: encode_images(toolkit, batch, plan),
+              "test": test_path}
+    fastest = fastest_alternately(passes, settings.timing_rounds, images)
+    rates = {"reference": len(images) / fastest["reference"][1], "toolkit": len(images) / fastest["toolkit"][1],
+             "test": len(dataset) / fastest["test"][1]}
+    report("encoder_plan", f"{plan.describe()} (probe {probe_seconds:.1f} s, once per process)")
+    report("encoder_reference_images_per_s", f"{rates['reference']:.2f} ({settings.backbone}, batch {len(images)}, "
+                                             f"default layout)")
+    report("encoder_images_per_s", f"{rates['toolkit']:.2f} (the toolkit's encoder pass)")
+    report_ratio("encoder_speedup", rates["toolkit"] / rates["reference"])
+    report("test_images_per_s", f"{rates['test']:.2f} (solver.test over {len(dataset)} VAL images, beam size "
+                                f"{BEAM_SIZE}, random-weights decoder, no coco metrics)")
+    report("cache_build_images_per_s", f"{feature_cache['images_per_s']:.2f} (TRAIN + VAL, training section)")
+    return {"reference_images_per_s": rates["reference"], "images_per_s": rates["toolkit"],
+            "test_images_per_s": rates["test"], "cache_build_images_per_s": feature_cache["images_per_s"],
+            "plan": {"channels_last": plan.memory_format == torch.channels_last, "chunk_size": plan.chunk_size},
+            "probe_seconds": probe_seconds}
+
+
+def bench_checkpoint(data, work, settings, encoder):
+    """A checkpoint of this encoder and an attention decoder with random weights, for timing solver.test."""
+    cfg = validate_cfg({"data_folder": data.folder, "data_name": data.name, "decoder": "attention",
+                        "encoder": settings.backbone, "encoder_weights": None, "encoded_image_size": settings.grid,
+                        "embed_dim": settings.dims, "attention_dim": settings.dims, "decoder_dim": settings.dims,
+                        "device": "cpu"})
+    word_map = load_word_map(data.folder, data.name)
+    torch.manual_seed(SEED)
+    decoder = build_decoder(cfg, len(word_map), encoder.encoder_dim)
+    path = os.path.join(work, "bench_test.pth.tar")
+    save_checkpoint({"cfg": cfg, "word_map": word_map, "image_size": settings.image_size,
+                     "encoder_state": encoder.state_dict(), "decoder_state": decoder.state_dict()}, path)
+    return path
+
+
 def run_benchmark(settings, data_folder=None):
     """Every section, printed as it goes; returns all figures."""
     started = time.perf_counter()
@@ -647,6 +706,7 @@ def run_benchmark(settings, data_folder=None):
         mismatches = sum(beam["mismatches"] for beam in figures["beam"].values())
         report("beam_mismatches", f"{mismatches}")
         figures["beam_mismatches"] = mismatches
+        figures["encoder"] = encoder_section(data, work, settings, figures["feature_cache"])
         figures["preprocess"] = preprocess_section(work, settings)
         figures["gpu"] = gpu_section(data, work, settings)
     figures["load_average_at_end"] = os.getloadavg()[0]

@@ -64,7 +64,7 @@ CFG_SCHEMA = {
     "cache_folder": (None, (str, NONE), "where feature caches go; None: data_folder"),
     "deterministic": (False, (bool,), "deterministic kernels (bitwise-repeatable runs and resumes; slower)"),
     "mixed_precision": (None, (bool, NONE), "bf16/fp16 autocast; None: on for CUDA, off on CPU"),
-    "channels_last": (None, (bool, NONE), "channels_last encoder; None: on for CUDA, off on CPU"),
+    "channels_last": (None, (bool, NONE), "channels_last encoder; None: the faster one, measured, with the encoder in the loop (else on for CUDA)"),
     "lr_warmup_steps": (None, (int, NONE), "linear learning-rate warm-up over this many steps; None: 20000 for "
                                            "decoders that need one (transformer), 0 for the others"),
     # The second stage: self-critical sequence training (Rennie et al. 2017) with a CIDEr-D reward
@@ -212,16 +212,25 @@ def with_env_overrides(cfg, variable="CAPTIONING_CFG"):
     return dict(cfg, **overrides)
 
 
+_upgrade_notes = set()  # the notes upgrade_cfg printed in this process: each is said once
+
+
+def print_once(note):
+    if note not in _upgrade_notes:
+        _upgrade_notes.add(note)
+        print(note)
+
+
 def upgrade_cfg(saved, source):
-    """A checkpoint's cfg completed with the keys added since it was written (their defaults, said once);
-    keys this version no longer knows are dropped, with a note."""
+    """A checkpoint's cfg completed with the keys added since it was written (their defaults, said once per
+    process); keys this version no longer knows are dropped, with a note."""
     missing = [key for key in CFG_SCHEMA if key not in saved]
     dropped = [key for key in saved if key not in CFG_SCHEMA]
     if missing:
-        print(f"note: {source!r} was written by an earlier version of the toolkit; these cfg keys take their "
-              f"defaults: {', '.join(f'{key}={CFG_SCHEMA[key][0]!r}' for key in missing)}")
+        print_once(f"note: {source!r} was written by an earlier version of the toolkit; these cfg keys take their "
+                   f"defaults: {', '.join(f'{key}={CFG_SCHEMA[key][0]!r}' for key in missing)}")
     if dropped:
-        print(f"note: {source!r} has cfg keys this version does not know, ignored: {', '.join(dropped)}")
+        print_once(f"note: {source!r} has cfg keys this version does not know, ignored: {', '.join(dropped)}")
     return {**default_cfg(), **{key: value for key, value in saved.items() if key in CFG_SCHEMA}}
 
 

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from data_files import data_paths, feature_cache_path, new_hdf5_file
-from datasets import ImageCaptionsDataset, normalize_images, opened_images_file
+from datasets import ImageCaptionsDataset, opened_images_file
+from encoding import encode_images, encoding_plan
 from utils import ToolkitError, atomic_path, check_free_space, format_bytes, remove_stale_temp_files
 
 CACHE_FORMAT = "features/1"
@@ -118,9 +119,10 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
         features = h5.create_dataset("features", (len(dataset), positions, channels), dtype="float16",
                                      chunks=(1, positions, channels))
         start = 0
+        plan = encoding_plan(encoder, image_size, min(batch_size, len(dataset)))
         with torch.inference_mode():
             for images, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
-                grid = encoder(normalize_images(images.to(device)))  # (B, G, G, C)
+                grid = encode_images(encoder, images.to(device), plan)  # (B, G, G, C)
                 batch = grid.reshape(grid.size(0), positions, channels).half().cpu().numpy()
                 check_encoded(batch, start, encoder.backbone_name, split)
                 features[start:start + len(batch)] = batch

@@ -1,30 +1,27 @@
-"""The toolkit's entry points and their command line: train, test, caption, compare, cache-features.
+"""The toolkit's entry points and their command line: train, test, caption, compare, cache-features, import-course.
 
-From Python: `train(cfg)`, `test(checkpoint)`, `caption(checkpoint, images)`, `compare(checkpoints)`.
-From the shell: `python solver.py {train,test,caption,compare,cache-features} --help`.
+From Python: `train(cfg)`, `test(checkpoint)`, `caption(checkpoint, images)`, `compare(checkpoints)`; to caption
+many pictures with one load, captioner.Captioner.
+From the shell: `python solver.py {train,test,caption,compare,cache-features,import-course} --help`.
 The training loop is training.py, its steps training_steps.py, the cfg keys config.py.
 """
 import argparse
+import inspect
 import json
 import os
-import sys
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from beam_search import beam_search
+from captioner import Captioner, check_beam_size, clamp_beam_size, result_figure
 from checkpoints import load_checkpoint
-from config import add_cfg_options, pick_device, upgrade_cfg, validate_cfg, with_env_overrides  # noqa: F401 (notebooks)
-from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map, normalize_images
+from config import add_cfg_options, upgrade_cfg, validate_cfg, with_env_overrides  # noqa: F401 (notebooks)
+from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map
 from features import ensure_feature_cache
-from figures import visualize_att
 from grounding import caption_grounding
-from models import build_decoder
 from training import Trainer, build_encoder, default_workers, strip_special, word_map_mismatch
-from utils import (ToolkitError, atomic_path, check_writable_file, coco_caption_metrics, course_bleu, format_metrics,
-                   results_table, run_cli)
+from utils import (ToolkitError, atomic_path, check_writable_file, check_writable_folder, coco_caption_metrics,
+                   course_bleu, format_metrics, results_table, run_cli)
 
 
 def train(cfg):
@@ -32,33 +29,12 @@ def train(cfg):
     return Trainer(validate_cfg(cfg)).run()
 
 
-def load_models(checkpoint, device):
-    """Encoder and decoder of a checkpoint dict, in eval mode on `device`."""
-    cfg = checkpoint["cfg"]
-    encoder = build_encoder(cfg, weights=None)
-    encoder.load_state_dict(checkpoint["encoder_state"])
-    decoder = build_decoder(cfg, len(checkpoint["word_map"]), encoder.encoder_dim)
-    decoder.load_state_dict(checkpoint["decoder_state"])
-    return encoder.to(device).eval(), decoder.to(device).eval()
-
-
-# ---------------------------------------------------------------- testing and captioning
-
-
-def load_for_inference(checkpoint_path, device=None):
-    """(checkpoint dict, encoder, decoder) on the chosen device, in eval mode."""
-    device = pick_device(device)
-    checkpoint = load_checkpoint(checkpoint_path)
-    checkpoint["cfg"] = upgrade_cfg(checkpoint["cfg"], checkpoint_path)
-    encoder, decoder = load_models(checkpoint, device)
-    return checkpoint, encoder, decoder
-
-
-def decode_batch(encoder, decoder, images, word_map, beam_size, max_steps):
-    """uint8 images (B, 3, S, S) on the model's device -> list of B Captions."""
-    with torch.inference_mode():
-        encoder_out = encoder(normalize_images(images))  # (B, G, G, C)
-    return beam_search(decoder, encoder_out, word_map["<start>"], word_map["<end>"], beam_size, max_steps)
+def inference_workers(workers, device):
+    """DataLoader workers of an encoder pass: None -> none on the CPU, where the encoder's threads need every
+    core and reading the uint8 images is a small part of the time; min(4, cores) on CUDA."""
+    if workers is None and torch.device(device).type == "cpu":
+        return 0
+    return default_workers({"workers": workers})
 
 
 def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_folder=None, batch_size=50,
@@ -72,26 +48,24 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     check_beam_size(beam_size)
     if predictions_json:
         check_writable_file(predictions_json, "predictions_json (--predictions-json)")
-    ckpt, encoder, decoder = load_for_inference(checkpoint, device)
-    beam_size = clamp_beam_size(beam_size, ckpt["word_map"])
-    cfg = ckpt["cfg"]
+    captioner = Captioner.from_checkpoint(checkpoint, device)
+    word_map, cfg = captioner.word_map, captioner.cfg
+    beam_size = clamp_beam_size(beam_size, word_map)
     data_folder = data_folder or cfg["data_folder"]
-    word_map = ckpt["word_map"]
     check_data_files(data_folder, cfg["data_name"], (split,))
     if load_word_map(data_folder, cfg["data_name"]) != word_map:
         raise ToolkitError(word_map_mismatch(checkpoint, data_folder, cfg["data_name"]))
     dataset = ImageCaptionsDataset(data_folder, cfg["data_name"], split)
-    workers = default_workers({"workers": workers})
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    device = next(decoder.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                         num_workers=inference_workers(workers, captioner.device))
     references, hypotheses, decoded = [], [], []
     for images, captions, _ in tqdm(loader, desc=f"beam search {split} (k={beam_size})", unit="batch"):
         images = torch.zeros_like(images) if blind else images
-        for caption, image_captions in zip(decode_batch(encoder, decoder, images.to(device), word_map, beam_size,
-                                                        max_steps), captions.tolist()):
+        found = captioner.decode(captioner.encode(images, min(batch_size, len(dataset))), beam_size, max_steps)
+        for best, image_captions in zip(found, captions.tolist()):
             references.append([strip_special(c, word_map) for c in image_captions])
-            hypotheses.append(strip_special(caption.words, word_map))
-            decoded.append(caption)
+            hypotheses.append(strip_special(best.words, word_map))
+            decoded.append(best)
     scores, unavailable = course_bleu(references, hypotheses), {}
     words = {index: word for word, index in word_map.items()}
     sentences = [" ".join(words[w] for w in hypothesis) for hypothesis in hypotheses]
@@ -105,7 +79,7 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
         scores.update(coco["scores"])
         unavailable = coco["unavailable"]
     per_image_grounding = [None] * len(decoded)
-    if decoder.has_attention and any(refs.objects):  # data with boxes: does attention look at what it names?
+    if captioner.decoder.has_attention and any(refs.objects):  # data with boxes: does attention look at what it names?
         grounding, per_image_grounding = caption_grounding(decoded, words, refs.objects, cfg["encoded_image_size"])
         scores.update({key: value for key, value in grounding.items() if value is not None and key != "object_words"})
     print(f"{split} split, {len(hypotheses)} images, beam size {beam_size}. BLEU-n: the course's nltk corpus_bleu "
@@ -120,68 +94,55 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     return scores
 
 
-def check_beam_size(beam_size):
-    if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
-        raise ToolkitError(f"beam_size = {beam_size!r} must be a whole number of at least 1 (--beam-size)")
-
-
-def clamp_beam_size(beam_size, word_map):
-    """Beam search keeps at most one beam per word of the vocabulary."""
-    if beam_size > len(word_map):
-        print(f"note: beam_size = {beam_size} is larger than the vocabulary ({len(word_map)} words); using "
-              f"{len(word_map)}")
-        return len(word_map)
-    return beam_size
-
-
-def read_image(path, image_size):
-    """An image file -> uint8 tensor (3, S, S), resized like create_input_files does."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise ToolkitError(f"cannot read image {path!r}: {error}") from None
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-
-
-def caption(checkpoint, images, beam_size=3, max_steps=50, device=None):
-    """Caption image files. Returns one dict per image: path, caption (str), words, alphas, betas.
-
-    An unreadable image is reported and skipped (its entry has caption None and an error).
-    """
-    check_beam_size(beam_size)
-    ckpt, encoder, decoder = load_for_inference(checkpoint, device)
-    word_map = ckpt["word_map"]
-    beam_size = clamp_beam_size(beam_size, word_map)
-    words = {index: word for word, index in word_map.items()}
-    device = next(decoder.parameters()).device
-    results = []
-    for path in [images] if isinstance(images, str) else images:
-        try:
-            image = read_image(path, ckpt["image_size"])
-        except ToolkitError as error:
-            print(f"error: {error}", file=sys.stderr)
-            results.append({"path": path, "caption": None, "error": str(error)})
-            continue
-        result = decode_batch(encoder, decoder, image.unsqueeze(0).to(device), word_map, beam_size, max_steps)[0]
-        text = " ".join(words[w] for w in strip_special(result.words, word_map))
-        results.append({"path": path, "caption": text, "words": [words[w] for w in result.words],
-                        "seq": result.words, "alphas": result.alphas, "betas": result.betas,
-                        "grid": ckpt["cfg"]["encoded_image_size"]})
+def caption(checkpoint, images, beam_size=3, max_steps=50, batch_size=50, device=None, output=None, figures=None,
+            smooth=True):
+    """Caption image files (a folder stands for its image files). Returns Captioner.caption's dicts: path,
+    caption (str), words, seq, score, alphas, betas, grid; an unreadable image is reported and gets caption
+    None and an error. `output`: also write JSON lines {"file", "caption", "score"}; `figures`: a folder for
+    each image's attention figure (<name>.png)."""
+    if output:
+        check_writable_file(output, "output (--output)")
+    if figures:
+        check_writable_folder(figures, "figures (--figures)")
+    results = Captioner.from_checkpoint(checkpoint, device).caption(images, beam_size, max_steps, batch_size)
+    if output:
+        write_json_lines(output, results)
+    if figures:
+        write_figures(figures, results, smooth)
     return results
+
+
+def write_json_lines(path, results):
+    """One line per result, {"file", "caption", "score"} (and "error" for an image that could not be read)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as file:
+        for result in results:
+            line = {"file": result["path"], "caption": result["caption"], "score": result.get("score")}
+            if result["error"]:
+                line["error"] = result["error"]
+            file.write(json.dumps(line) + "\n")
+
+
+def write_figures(folder, results, smooth=True):
+    """The attention figure of every captioned image file as folder/<file name>.png (made unique)."""
+    taken = set()
+    for result in results:
+        if result["caption"] is None or result["path"] is None:
+            continue
+        stem = os.path.splitext(os.path.basename(result["path"]))[0]
+        name, copy = stem, 1
+        while name in taken:
+            copy += 1
+            name = f"{stem}_{copy}"
+        taken.add(name)
+        result_figure(result, smooth=smooth, out=os.path.join(folder, name + ".png"))
 
 
 def caption_figure(checkpoint, image_path, beam_size=3, smooth=True, out=None, device=None):
     """Caption one image and draw the course's figure: per-word attention panels (with beta_t for the
     adaptive decoder), or the image under its caption for the decoder without attention.
     Returns (caption text, matplotlib Figure); writes a PNG when `out` is given."""
-    result = caption(checkpoint, [image_path], beam_size, device=device)[0]
-    if result["caption"] is None:
-        raise ToolkitError(result["error"])
-    rev_word_map = dict(zip(result["seq"], result["words"]))
-    figure = visualize_att(image_path, result["seq"], result["alphas"], rev_word_map, smooth=smooth, out=out,
-                           betas=result["betas"])
-    return result["caption"], figure
+    result = Captioner.from_checkpoint(checkpoint, device).caption([image_path], beam_size)[0]
+    return result["caption"], result_figure(result, smooth=smooth, out=out)
 
 
 def compare(checkpoints, beam_size=3, split="TEST", out=None, **test_options):
@@ -203,29 +164,89 @@ def compare(checkpoints, beam_size=3, split="TEST", out=None, **test_options):
 
 # ---------------------------------------------------------------- command line
 
+# The options of test, caption, compare and import-course are made from the functions' signatures: every
+# keyword is an option (dashes for underscores, --x/--no-x for booleans), with its help text here.
+OPTION_HELP = {
+    "checkpoint": "a checkpoint written by training (or by import-course)",
+    "checkpoints": "the checkpoints to test side by side",
+    "images": "image files, or folders of them",
+    "beam_size": "beam width of the beam search",
+    "split": "the split to decode",
+    "predictions_json": "also write [{image_id, caption}] to this JSON file",
+    "data_folder": "where the data is now, if it moved since training",
+    "batch_size": "images per batch of the encoder and the beam search",
+    "max_steps": "longest caption, in words, before the beam search stops",
+    "blind": "blank images: what the language prior alone scores",
+    "device": "cpu, cuda, cuda:1...; None: cuda when available",
+    "coco_metrics": "also score with coco-caption (METEOR, ROUGE-L, CIDEr-D...)",
+    "workers": "DataLoader worker processes; None: 0 on the CPU (the encoder needs its cores), min(4, cores) on CUDA",
+    "output": "write JSON lines {file, caption, score} to this file",
+    "figures": "write the attention figure of every image into this folder",
+    "smooth": "blur the upsampled attention maps of the figures, as the course does",
+    "out": "also write the result to this file (import-course: where to write the import; None: "
+           "<name>.toolkit.pth.tar beside the course's checkpoint)",
+    "path": "the course's checkpoint (a pickled one, or the state_dicts the README's export lines write)",
+    "data_name": "base name of the data files, e.g. coco_5_cap_per_img_5_min_word_freq",
+    "trust_pickle": "load a pickled course checkpoint (this runs code from the file: only for files you trust)",
+    "encoded_image_size": "side of the encoder's output grid; None: the one the course's encoder used",
+}
+OPTION_TYPES = {"workers": int, "encoded_image_size": int}  # of the keywords whose default is None (else str)
+OPTION_CHOICES = {"split": ("TRAIN", "VAL", "TEST")}
+POSITIONAL = {"images": "IMAGE", "checkpoints": "CHECKPOINT", "path": "CHECKPOINT"}  # name -> metavar
+VARIADIC = ("images", "checkpoints")  # positional arguments taking one or more values
+
+
+PASSED_ON_SKIP = ("checkpoint", "predictions_json")  # test's keywords that compare does not pass on
+
+
+def function_parameters(function, extra=None):
+    """The named parameters of `function`, then those of `extra` it passes on through **kwargs."""
+    parameters = [p for p in inspect.signature(function).parameters.values() if p.kind != p.VAR_KEYWORD]
+    if extra is not None:
+        names = {p.name for p in parameters} | set(PASSED_ON_SKIP)
+        parameters += [p for p in inspect.signature(extra).parameters.values() if p.name not in names]
+    return parameters
+
+
+def add_function_options(parser, function, extra=None):
+    """One argument per parameter of `function` (and of `extra`, see function_parameters)."""
+    for parameter in function_parameters(function, extra):
+        name, default, meaning = parameter.name, parameter.default, OPTION_HELP[parameter.name]
+        if name in POSITIONAL:
+            parser.add_argument(name, nargs="+" if name in VARIADIC else None, metavar=POSITIONAL[name], help=meaning)
+        elif default is inspect.Parameter.empty:
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, required=True, default=argparse.SUPPRESS,
+                                help=meaning)
+        elif isinstance(default, bool):
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
+                                default=default, help=meaning)
+        else:
+            kind = OPTION_TYPES.get(name, str) if default is None else type(default)
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=default,
+                                choices=OPTION_CHOICES.get(name), help=meaning)
+
+
+def function_commands():
+    """subcommand -> (function it calls, function whose keywords it passes on, help)."""
+    from course_import import import_course_checkpoint
+
+    return {"test": (test, None, "beam search over a split and print BLEU and coco metrics"),
+            "caption": (caption, None, "caption image files (and the files in folders)"),
+            "compare": (compare, test, "a markdown table of the metrics of several checkpoints"),
+            "import-course": (import_course_checkpoint, None, "turn a checkpoint of the course's train.py into one "
+                                                              "of this toolkit")}
+
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_cfg_options(commands.add_parser("train", help="train a model (cfg keys as options)"))
-    test_parser = commands.add_parser("test", help="beam search over a split and print BLEU and coco metrics")
-    test_parser.add_argument("--checkpoint", required=True)
-    test_parser.add_argument("--beam-size", type=int, default=3)
-    test_parser.add_argument("--split", default="TEST", choices=("TRAIN", "VAL", "TEST"))
-    test_parser.add_argument("--predictions-json")
-    test_parser.add_argument("--data-folder", help="where the data is now, if it moved since training")
-    test_parser.add_argument("--blind", action="store_true", help="blank images: what the language prior alone scores")
-    caption_parser = commands.add_parser("caption", help="caption image files")
-    caption_parser.add_argument("--checkpoint", required=True)
-    caption_parser.add_argument("images", nargs="+")
-    caption_parser.add_argument("--beam-size", type=int, default=3)
-    compare_parser = commands.add_parser("compare", help="a markdown table of the metrics of several checkpoints")
-    compare_parser.add_argument("checkpoints", nargs="+")
-    compare_parser.add_argument("--beam-size", type=int, default=3)
-    compare_parser.add_argument("--split", default="TEST", choices=("TRAIN", "VAL", "TEST"))
-    compare_parser.add_argument("--out", help="also write the table to this markdown file")
-    cache_parser = commands.add_parser("cache-features", help="build the frozen encoder's feature caches ahead of time")
-    add_cfg_options(cache_parser)
+    add_cfg_options(commands.add_parser("cache-features", help="build the frozen encoder's feature caches ahead of "
+                                                               "time (cfg keys as options)"))
+    for command, (function, extra, meaning) in function_commands().items():
+        subparser = commands.add_parser(command, help=meaning, description=meaning,
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_function_options(subparser, function, extra)
     return parser
 
 
@@ -236,9 +257,19 @@ def cache_features(cfg):
         raise ToolkitError("a fine-tuned encoder changes during training: its features cannot be cached")
     check_data_files(cfg["data_folder"], cfg["data_name"], ("TRAIN", "VAL"))
     encoder = build_encoder(cfg, cfg["encoder_weights"]).to(cfg["device"]).eval()
-    workers = default_workers(cfg)
+    workers = inference_workers(cfg["workers"], cfg["device"])
     return [ensure_feature_cache(encoder, cfg["data_folder"], cfg["data_name"], split, cfg["cache_folder"],
                                  cfg["batch_size"], workers, cfg["device"]) for split in ("TRAIN", "VAL")]
+
+
+def print_captions(results):
+    """`path: caption` per captioned image; a ToolkitError naming the images that could not be read."""
+    for result in results:
+        if result["caption"] is not None:
+            print(f"{result['path']}: {result['caption']}")
+    failed = [result["path"] for result in results if result["caption"] is None]
+    if failed:
+        raise ToolkitError(f"{len(failed)} of {len(results)} images could not be read: {', '.join(failed)}")
 
 
 def main(argv=None):
@@ -249,19 +280,13 @@ def main(argv=None):
     elif command == "cache-features":
         for path in cache_features(args):
             print(path)
-    elif command == "test":
-        test(args["checkpoint"], args["beam_size"], args["split"], args["predictions_json"], args["data_folder"],
-             blind=args["blind"])
-    elif command == "caption":
-        results = caption(args["checkpoint"], args["images"], args["beam_size"])
-        for result in results:
-            if result["caption"] is not None:
-                print(f"{result['path']}: {result['caption']}")
-        failed = [result["path"] for result in results if result["caption"] is None]
-        if failed:
-            raise ToolkitError(f"{len(failed)} of {len(results)} images could not be read: {', '.join(failed)}")
-    elif command == "compare":
-        compare(args["checkpoints"], args["beam_size"], args["split"], args["out"])
+    else:
+        function = function_commands()[command][0]
+        result = function(**args)
+        if command == "caption":
+            print_captions(result)
+        elif command == "import-course":
+            print(result)
 
 
 if __name__ == "__main__":

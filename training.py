@@ -29,6 +29,7 @@ from config import CFG_SCHEMA, MODEL_KEYS, default_cfg, upgrade_cfg
 from data_files import data_paths, feature_cache_path
 from datasets import CaptionDataset, ImageCaptionsDataset, check_data_files, load_word_map, normalize_images
 from distributed import Ranks, contiguous_slice, shard_indices, unwrapped
+from encoding import training_layout
 from features import (build_feature_cache, cache_problem, encoder_fingerprint, ensure_feature_cache,
                       join_feature_parts)
 from models import Encoder, build_decoder
@@ -181,6 +182,9 @@ class Trainer:
         self.stage = STAGES[cfg["training"]](self)
         self.image_size = None
         self.make_loaders()
+        if cfg["channels_last"] is None and not self.uses_cache and not cfg["deterministic"]:  # encoder in the loop
+            self.channels_last = training_layout(self.encoder, self.image_size,
+                                                 self.train_loader.batch_size) == torch.channels_last
         self.decoder = self.ranks.wrap(self.decoder)
         if cfg["fine_tune_encoder"]:
             self.encoder = self.ranks.wrap(self.encoder)

@@ -30,15 +30,15 @@ def fault(signal_name):
 def inject(moment, signal_name):
     """Wrap the function that runs at `moment` so that it signals this process there."""
     if moment == "cache":
-        real_normalize = features.normalize_images
+        real_encode = features.encode_images
         calls = {"n": 0}
 
-        def normalize_then_fault(images):
+        def encode_then_fault(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 2:
                 fault(signal_name)
-            return real_normalize(images)
-        features.normalize_images = normalize_then_fault
+            return real_encode(*args, **kwargs)
+        features.encode_images = encode_then_fault
     elif moment == "mid_epoch":
         real_step = training.Trainer.train_step
 

@@ -1,4 +1,7 @@
 """The command line: train -> test -> caption -> compare on tiny shapes data, and bad input."""
+import argparse
+import functools
+import inspect
 import json
 import os
 import shutil
@@ -104,3 +107,105 @@ def test_missing_data_is_a_clean_error(tmp_path):
 def test_unknown_option_value_is_refused(tiny_shapes, tmp_path):
     result = solver_cli(*train_args(tiny_shapes, tmp_path, "--decoder", "gru"), check=False)
     assert_clean_error(result, "cfg['decoder'] = 'gru'")
+
+
+# ---------------------------------------------------------------- the options match the functions
+
+
+def subcommand_parsers():
+    """subcommand name -> its argparse parser."""
+    import solver
+
+    commands = next(action for action in solver.build_parser()._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    return commands.choices
+
+
+def test_every_keyword_of_the_functions_has_its_option_and_help_lists_defaults():
+    import solver
+    from course_import import import_course_checkpoint
+    from config import CFG_SCHEMA
+
+    parsers = subcommand_parsers()
+    functions = {"test": (solver.test, None), "caption": (solver.caption, None),
+                 "compare": (solver.compare, solver.test), "import-course": (import_course_checkpoint, None)}
+    for command, (function, extra) in functions.items():
+        names = {parameter.name for parameter in inspect.signature(function).parameters.values()
+                 if parameter.kind != parameter.VAR_KEYWORD}
+        if extra is not None:
+            names |= set(inspect.signature(extra).parameters) - set(solver.PASSED_ON_SKIP)
+        destinations = {action.dest for action in parsers[command]._actions if action.dest != "help"}
+        assert destinations == names, command
+        text = parsers[command].format_help()
+        for parameter in inspect.signature(function).parameters.values():
+            if parameter.default is not inspect.Parameter.empty:
+                option = "--" + parameter.name.replace("_", "-")
+                after = " ".join(text.split(option, 1)[1].split())  # the option's help, whitespace normalised
+                assert f"(default: {parameter.default})" in after, (command, option)
+    for command in ("train", "cache-features"):
+        destinations = {action.dest for action in parsers[command]._actions if action.dest != "help"}
+        assert set(CFG_SCHEMA) <= destinations
+        assert " ".join(parsers[command].format_help().split()).count("(default ") >= len(CFG_SCHEMA)
+
+
+def test_the_options_reach_the_functions(monkeypatch):
+    import solver
+
+    calls = {}
+
+    @functools.wraps(solver.test)  # the same signature, so the same options
+    def record(**kwargs):
+        calls["test"] = kwargs
+
+    monkeypatch.setattr(solver, "test", record)
+    solver.main(["test", "--checkpoint", "c.pth.tar", "--device", "cpu", "--batch-size", "7", "--max-steps", "9",
+                 "--split", "VAL", "--no-coco-metrics", "--workers", "1", "--blind"])
+    assert calls["test"] == {"checkpoint": "c.pth.tar", "beam_size": 3, "split": "VAL", "predictions_json": None,
+                             "data_folder": None, "batch_size": 7, "max_steps": 9, "blind": True, "device": "cpu",
+                             "coco_metrics": False, "workers": 1}
+
+
+def test_caption_writes_json_lines_of_files_and_folders(checkpoints, tiny_shapes, tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    images = [os.path.join(tiny_shapes.folder, "shapes_images", f"shapes_00000{i}.jpg") for i in range(3)]
+    for image in images[1:]:
+        shutil.copy(image, folder)
+    output = tmp_path / "captions.jsonl"
+    result = solver_cli("caption", "--checkpoint", checkpoints["attention"], images[0], folder, "--output", output,
+                        "--figures", tmp_path / "figures", "--batch-size", "2", "--device", "cpu")
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["file"] for line in lines] == [images[0]] + [str(folder / os.path.basename(i)) for i in images[1:]]
+    assert all(set(line) == {"file", "caption", "score"} and isinstance(line["caption"], str) and line["score"] <= 0
+               for line in lines)
+    assert [f"{line['file']}: {line['caption']}" for line in lines] == result.stdout.splitlines()[-3:]
+    assert len(os.listdir(tmp_path / "figures")) == 3
+
+
+def test_import_course_turns_a_course_export_into_a_checkpoint_that_captions(tiny_shapes, tmp_path):
+    import torch
+
+    from course_models import DecoderWithAttention, Encoder, randomize_batchnorm_statistics
+    from datasets import load_word_map
+
+    torch.manual_seed(0)
+    vocab_size = len(load_word_map(tiny_shapes.folder, tiny_shapes.data_name))
+    encoder = Encoder(encoded_image_size=2).eval()
+    randomize_batchnorm_statistics(encoder, torch.Generator().manual_seed(0))
+    decoder = DecoderWithAttention({"embed_dim": 16, "attention_dim": 12, "decoder_dim": 24, "dropout": 0.3,
+                                    "device": torch.device("cpu"), "vocab_size": vocab_size})
+    export = tmp_path / "course_export.pth"
+    torch.save({"encoder": encoder.state_dict(), "decoder": decoder.state_dict(), "encoded_image_size": 2,
+                "epoch": 3, "epochs_since_improvement": 0, "bleu-4": 0.2671}, export)
+    out = tmp_path / "imported.pth.tar"
+    result = solver_cli("import-course", export, "--data-folder", tiny_shapes.folder, "--data-name",
+                        tiny_shapes.data_name, "--out", out)
+    assert result.stdout.splitlines()[-1] == str(out)
+    image = os.path.join(tiny_shapes.folder, "shapes_images", "shapes_000000.jpg")
+    captioned = solver_cli("caption", "--checkpoint", out, image, "--beam-size", "2", "--max-steps", "5")
+    assert captioned.stdout.splitlines()[-1].startswith(f"{image}: ")
+
+
+def test_import_course_without_the_data_name_is_refused(tmp_path):
+    result = solver_cli("import-course", tmp_path / "course.pth", "--data-folder", tmp_path, check=False)
+    assert result.returncode == 2 and "--data-name" in result.stderr

@@ -1,0 +1,192 @@
+"""Captioning pictures with a trained model: load the checkpoint once, then caption any number of images.
+
+    captioner = Captioner.from_checkpoint("checkpoints/BEST_checkpoint_<run>.pth.tar")
+    for result in captioner.caption(["photo1.jpg", "photos/"]):
+        print(result["path"], result["caption"])
+
+Images are file paths (a folder stands for the image files in it), PIL images or uint8 tensors (3, H, W);
+they are batched through the encoder (at the speed of the device, see encoding.py) and the batched beam
+search. An image that cannot be read is reported and gets caption None; the others are captioned.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from beam_search import beam_search
+from checkpoints import load_checkpoint
+from config import pick_device, upgrade_cfg
+from encoding import encode_images, encoding_plan
+from figures import visualize_att
+from models import build_decoder
+from training import build_encoder, strip_special
+from utils import ToolkitError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_models(checkpoint, device):
+    """Encoder and decoder of a checkpoint dict, in eval mode on `device`."""
+    cfg = checkpoint["cfg"]
+    encoder = build_encoder(cfg, weights=None)
+    encoder.load_state_dict(checkpoint["encoder_state"])
+    decoder = build_decoder(cfg, len(checkpoint["word_map"]), encoder.encoder_dim)
+    decoder.load_state_dict(checkpoint["decoder_state"])
+    return encoder.to(device).eval(), decoder.to(device).eval()
+
+
+def load_for_inference(checkpoint_path, device=None):
+    """(checkpoint dict with its cfg completed, encoder, decoder) on the chosen device, in eval mode."""
+    device = pick_device(device)
+    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint["cfg"] = upgrade_cfg(checkpoint["cfg"], checkpoint_path)
+    encoder, decoder = load_models(checkpoint, device)
+    return checkpoint, encoder, decoder
+
+
+def check_beam_size(beam_size):
+    if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
+        raise ToolkitError(f"beam_size = {beam_size!r} must be a whole number of at least 1 (--beam-size)")
+
+
+def clamp_beam_size(beam_size, word_map):
+    """Beam search keeps at most one beam per word of the vocabulary."""
+    if beam_size > len(word_map):
+        print(f"note: beam_size = {beam_size} is larger than the vocabulary ({len(word_map)} words); using "
+              f"{len(word_map)}")
+        return len(word_map)
+    return beam_size
+
+
+def read_image(source, image_size):
+    """An image file or PIL image -> uint8 tensor (3, S, S), resized like create_input_files does."""
+    try:
+        if isinstance(source, Image.Image):
+            image = source.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        else:
+            with Image.open(source) as image:
+                image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+        raise ToolkitError(f"cannot read image {source!r}: {error}") from None
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def image_tensor(source, image_size):
+    """A path, PIL image or uint8 tensor (3, H, W) -> uint8 tensor (3, S, S); a ToolkitError names a bad one."""
+    if isinstance(source, torch.Tensor):
+        if source.dtype != torch.uint8 or source.dim() != 3 or source.size(0) != 3:
+            raise ToolkitError(f"an image tensor must be uint8 shaped (3, H, W); got {source.dtype} "
+                               f"{tuple(source.shape)}")
+        if source.shape[1:] == (image_size, image_size):
+            return source.cpu()
+        source = Image.fromarray(source.permute(1, 2, 0).cpu().numpy())  # resized as a file would be
+    return read_image(source, image_size)
+
+
+def is_one_image(images):
+    """True for a single path, PIL image or (3, H, W) tensor; False for a list of them or a (B, 3, H, W) tensor."""
+    if isinstance(images, torch.Tensor):
+        return images.dim() == 3
+    return isinstance(images, (str, os.PathLike, Image.Image))
+
+
+def expand_folders(images):
+    """A list of sources, with every folder replaced by the image files in it (sorted by name)."""
+    expanded = []
+    for source in [images] if is_one_image(images) else images:
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+            names = sorted(name for name in os.listdir(source) if name.lower().endswith(IMAGE_EXTENSIONS))
+            if not names:
+                print(f"note: folder {os.fspath(source)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})",
+                      file=sys.stderr)
+            expanded.extend(os.path.join(source, name) for name in names)
+        else:
+            expanded.append(source)
+    return expanded
+
+
+def source_name(source):
+    """The path of a file source; None for an image given in memory."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+
+
+class Captioner:
+    """A trained model ready to caption: encoder, decoder and word map on one device, in eval mode."""
+
+    def __init__(self, encoder, decoder, word_map, image_size, cfg):
+        self.encoder, self.decoder, self.word_map = encoder, decoder, word_map
+        self.image_size, self.cfg = image_size, cfg  # cfg: the checkpoint's, completed by upgrade_cfg
+        self.words = {index: word for word, index in word_map.items()}
+        self.device = next(decoder.parameters()).device
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None):
+        """Load a checkpoint of this toolkit (an older one too: its missing cfg keys take their defaults)."""
+        checkpoint, encoder, decoder = load_for_inference(path, device)
+        return cls(encoder, decoder, checkpoint["word_map"], checkpoint["image_size"], checkpoint["cfg"])
+
+    def encode(self, images, largest_batch=50):
+        """uint8 images (B, 3, S, S) -> encodings (B, G, G, C) on the model's device, in the layout and chunk size
+        measured fastest for passes of up to largest_batch images."""
+        plan = encoding_plan(self.encoder, self.image_size, largest_batch)
+        return encode_images(self.encoder, images.to(self.device), plan)
+
+    def decode(self, encoder_out, beam_size=3, max_steps=50):
+        """Encodings (B, G, G, C) -> list of B beam_search Captions."""
+        return beam_search(self.decoder, encoder_out, self.word_map["<start>"], self.word_map["<end>"], beam_size,
+                           max_steps)
+
+    def caption(self, images, beam_size=3, max_steps=50, batch_size=50):
+        """Caption paths (files or folders), PIL images or uint8 tensors (3, H, W) (one, a list, or a tensor
+        (B, 3, H, W)), batch_size at a time.
+
+        Returns one dict per image, in order: path (None for an image in memory), caption (str; None when
+        the image could not be read, with the reason in error), words (every word from <start> to <end>),
+        seq (their ids), score (total log-probability), alphas ((T, P) attention per generated word, None
+        without attention), betas ((T,) sentinel weights of the adaptive decoder, else None), grid (G).
+        """
+        check_beam_size(beam_size)
+        beam_size = clamp_beam_size(beam_size, self.word_map)
+        sources = expand_folders(images)
+        results = []
+        largest_batch = min(batch_size, len(sources))
+        for start in range(0, len(sources), batch_size):
+            results.extend(self.caption_batch(sources[start:start + batch_size], beam_size, max_steps, largest_batch))
+        return results
+
+    def caption_batch(self, sources, beam_size, max_steps, largest_batch):
+        """Results of caption() for one batch of sources: the readable ones go through the model together."""
+        results, pixels = [], []
+        for source in sources:
+            results.append({"path": source_name(source), "caption": None, "error": None})
+            try:
+                pixels.append(image_tensor(source, self.image_size))
+            except ToolkitError as error:
+                print(f"error: {error}", file=sys.stderr)
+                results[-1]["error"] = str(error)
+        readable = [result for result in results if result["error"] is None]
+        if readable:
+            encoder_out = self.encode(torch.stack(pixels), largest_batch)  # (B, G, G, C)
+            for result, found in zip(readable, self.decode(encoder_out, beam_size, max_steps)):
+                result.update(self.describe(found))
+        return results
+
+    def describe(self, found):
+        """The fields of a result for one beam_search Caption."""
+        text = " ".join(self.words[w] for w in strip_special(found.words, self.word_map))
+        return {"caption": text, "words": [self.words[w] for w in found.words], "seq": found.words,
+                "score": found.score, "alphas": found.alphas, "betas": found.betas,
+                "grid": self.cfg["encoded_image_size"]}
+
+
+def result_figure(result, smooth=True, out=None):
+    """The course's figure of a Captioner result of an image file: per-word attention panels (with beta_t for
+    the adaptive decoder), or the image under its caption without attention. Writes a PNG when `out`."""
+    if result["caption"] is None:
+        raise ToolkitError(result["error"])
+    if result["path"] is None:
+        raise ToolkitError("the figure draws the image file; caption the image by its path to draw it")
+    return visualize_att(result["path"], result["seq"], result["alphas"], dict(zip(result["seq"], result["words"])),
+                         smooth=smooth, out=out, betas=result["betas"])

@@ -1,0 +1,181 @@
+"""The Captioner (against beam_search on the same inputs, bad images in a batch), the encoder pass in every
+layout and chunk size it may pick, and checkpoints of an earlier version of the toolkit."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import encoding
+import solver
+from beam_search import beam_search
+from captioner import Captioner, read_image
+from checkpoints import load_checkpoint
+from conftest import tiny_cfg
+from datasets import normalize_images
+from models import Encoder
+from utils import ToolkitError
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shapes, tmp_path_factory):
+    """One short adaptive-attention run (its captions carry alphas and betas)."""
+    return solver.train(tiny_cfg(tiny_shapes, tmp_path_factory.mktemp("captioner"), decoder="adaptive"))
+
+
+def shapes_images(data, count):
+    return [os.path.join(data.folder, "shapes_images", f"shapes_{index:06d}.jpg") for index in range(count)]
+
+
+def test_captioner_gives_beam_search_captions_for_paths_pil_images_and_tensors(trained, tiny_shapes):
+    captioner = Captioner.from_checkpoint(trained["best_checkpoint"], device="cpu")
+    paths = shapes_images(tiny_shapes, 3)
+    pixels = torch.stack([read_image(path, captioner.image_size) for path in paths])  # (3, 3, S, S) uint8
+    with torch.inference_mode():
+        encoder_out = captioner.encoder(normalize_images(pixels))  # the plain encoder, one call
+    word_map = captioner.word_map
+    expected = beam_search(captioner.decoder, encoder_out, word_map["<start>"], word_map["<end>"], 3, 20)
+    with Image.open(paths[1]) as image:
+        sources = [paths[0], image.copy(), pixels[2]]
+    results = captioner.caption(sources, beam_size=3, max_steps=20, batch_size=2)  # two batches: 2 + 1
+    assert [result["seq"] for result in results] == [found.words for found in expected]
+    assert [result["score"] for result in results] == pytest.approx([found.score for found in expected], abs=1e-4)
+    assert [result["path"] for result in results] == [paths[0], None, None]
+    words = {index: word for word, index in word_map.items()}
+    for result in results:
+        assert result["words"] == [words[w] for w in result["seq"]] and result["error"] is None
+        assert result["caption"] == " ".join(w for w in result["words"] if w not in ("<start>", "<end>", "<pad>"))
+        steps = len(result["seq"]) - 1  # generated words: all but <start>
+        assert result["alphas"].shape == (steps, 16) and result["betas"].shape == (steps,)
+
+
+def test_a_bad_image_is_reported_and_the_others_are_captioned(trained, tiny_shapes, tmp_path, capsys):
+    captioner = Captioner.from_checkpoint(trained["best_checkpoint"], device="cpu")
+    good = shapes_images(tiny_shapes, 2)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    alone = captioner.caption(good, beam_size=2)
+    mixed = captioner.caption([good[0], str(broken), torch.zeros(3, 8, dtype=torch.uint8), good[1]], beam_size=2)
+    assert mixed[1]["caption"] is None and "broken.jpg" in mixed[1]["error"]
+    assert mixed[2]["caption"] is None and "uint8 shaped (3, H, W)" in mixed[2]["error"]
+    assert "broken.jpg" in capsys.readouterr().err
+    assert [mixed[0]["seq"], mixed[3]["seq"]] == [result["seq"] for result in alone]
+
+
+def test_a_tensor_of_another_size_is_resized_like_a_file(trained, tiny_shapes):
+    captioner = Captioner.from_checkpoint(trained["best_checkpoint"], device="cpu")
+    path = shapes_images(tiny_shapes, 1)[0]
+    with Image.open(path) as image:
+        large = torch.from_numpy(np.array(image.convert("RGB").resize((96, 96)))).permute(2, 0, 1)
+        from_pil = captioner.caption([image.resize((96, 96))], beam_size=2)
+    assert captioner.caption([large], beam_size=2)[0]["seq"] == from_pil[0]["seq"]
+    assert captioner.caption(large, beam_size=2)[0]["seq"] == from_pil[0]["seq"]  # one image, not a list
+    assert len(captioner.caption(torch.stack([large, large]), beam_size=2)) == 2  # a batch tensor
+
+
+def test_caption_writes_json_lines_and_figures_for_a_folder(trained, tiny_shapes, tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for path in shapes_images(tiny_shapes, 2):
+        Image.open(path).save(folder / os.path.basename(path))
+    (folder / "notes.txt").write_text("not a picture")
+    output, figures = tmp_path / "captions.jsonl", tmp_path / "figures"
+    results = solver.caption(trained["best_checkpoint"], [str(folder)], beam_size=2, output=str(output),
+                             figures=str(figures))
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["file"] for line in lines] == [os.path.join(str(folder), f"shapes_00000{i}.jpg") for i in range(2)]
+    assert [(line["caption"], line["score"]) for line in lines] == [(r["caption"], r["score"]) for r in results]
+    assert sorted(os.listdir(figures)) == ["shapes_000000.png", "shapes_000001.png"]
+
+
+# ---------------------------------------------------------------- the encoder pass
+
+
+@pytest.mark.parametrize("memory_format", encoding.LAYOUTS)
+@pytest.mark.parametrize("chunk_size", (1, 3, 16))
+def test_every_plan_encodes_like_the_plain_encoder(memory_format, chunk_size):
+    torch.manual_seed(0)
+    encoder = Encoder(4, "resnet18", weights=None).eval()
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = encoder(normalize_images(images))  # (5, 4, 4, 512)
+    got = encoding.encode_images(encoder, images, encoding.EncodingPlan(memory_format, chunk_size))
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_probe_picks_a_measured_plan_once_and_restores_the_mode(capsys):
+    encoder = Encoder(2, "resnet18", weights=None)
+    encoder.train()
+    plan = encoding.encoding_plan(encoder, 32, 6)
+    assert plan.memory_format in encoding.LAYOUTS and plan.chunk_size in (1, 4, 6) and plan.images_per_s > 0
+    assert encoder.training
+    assert encoding.encoding_plan(encoder, 32, 6) is plan
+    assert capsys.readouterr().err.count("encoder pass of resnet18 at 32 px") == 1
+    weight = encoder.trunk[0].weight
+    assert weight.is_contiguous(memory_format=plan.memory_format)
+
+
+def test_probe_sizes_stop_at_the_limit():
+    assert encoding.probe_sizes(1) == [1]
+    assert encoding.probe_sizes(50) == [1, 4, 16, 50]
+    assert encoding.probe_sizes(64) == [1, 4, 16, 64]
+
+
+# ---------------------------------------------------------------- checkpoints of an earlier version
+
+NEWER_KEYS = ("training", "scst_lr", "scst_samples", "scst_baseline", "val_metric", "max_steps", "lr_warmup_steps",
+              "mixed_precision", "channels_last")
+
+
+def old_checkpoint(path, out):
+    """A copy of checkpoint `path` as an earlier version wrote it: no format_version, cfg without NEWER_KEYS."""
+    checkpoint = load_checkpoint(path)
+    del checkpoint["format_version"]
+    checkpoint["cfg"] = {key: value for key, value in checkpoint["cfg"].items() if key not in NEWER_KEYS}
+    torch.save(checkpoint, out)
+    return str(out)
+
+
+def test_an_old_checkpoint_tests_captions_and_resumes(trained, tiny_shapes, tmp_path, capsys):
+    old = old_checkpoint(trained["last_checkpoint"], tmp_path / "old.pth.tar")
+    assert "scst_lr" in load_checkpoint(trained["last_checkpoint"])["cfg"]
+    image = shapes_images(tiny_shapes, 1)
+    assert solver.caption(old, image, beam_size=2)[0]["seq"] == solver.caption(
+        trained["last_checkpoint"], image, beam_size=2)[0]["seq"]
+    solver.compare([old], beam_size=2, coco_metrics=False)
+    out = capsys.readouterr().out
+    assert out.count("was written by an earlier version of the toolkit") == 1
+    assert "scst_lr=" in out and "val_metric=None" in out
+    resumed = solver.train(tiny_cfg(tiny_shapes, tmp_path / "resumed", decoder="adaptive", epochs=2, checkpoint=old))
+    assert load_checkpoint(resumed["last_checkpoint"])["epoch"] == 1
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(trained, tmp_path):
+    checkpoint = load_checkpoint(trained["last_checkpoint"])
+    checkpoint["format_version"] += 1
+    newer = tmp_path / "newer.pth.tar"
+    torch.save(checkpoint, newer)
+    with pytest.raises(ToolkitError, match="newer version of this toolkit"):
+        Captioner.from_checkpoint(str(newer))
+
+
+def test_the_training_probe_leaves_statistics_mode_and_gradients_as_they_were():
+    encoder = Encoder(2, "resnet18", weights=None)
+    encoder.fine_tune(True)
+    encoder.train()
+    before = {name: tensor.clone() for name, tensor in encoder.state_dict().items()}
+    layout = encoding.training_layout(encoder, 32, 3)
+    assert layout in encoding.LAYOUTS and encoder.training
+    assert all(parameter.grad is None for parameter in encoder.parameters())
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_training_with_the_encoder_in_the_loop_measures_its_layout(tiny_shapes, tmp_path, capsys):
+    result = solver.train(tiny_cfg(tiny_shapes, tmp_path, decoder="rnn", feature_cache=False))
+    err = capsys.readouterr().err
+    assert "note: training steps of resnet18 at 64 px on cpu" in err and "(measured)" in err
+    assert os.path.exists(result["best_checkpoint"])

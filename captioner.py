@@ -11,9 +11,8 @@ search. An image that cannot be read is reported and gets caption None; the othe
 import os
 import sys
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from beam_search import beam_search
 from checkpoints import load_checkpoint
@@ -22,6 +21,7 @@ from encoding import encode_images, encoding_plan
 from figures import visualize_att
 from models import build_decoder
 from training import build_encoder, strip_special
+from images import load_image_tensor as read_image  # the loader preprocessing uses
 from utils import ToolkitError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -58,19 +58,6 @@ def clamp_beam_size(beam_size, word_map):
               f"{len(word_map)}")
         return len(word_map)
     return beam_size
-
-
-def read_image(source, image_size):
-    """An image file or PIL image -> uint8 tensor (3, S, S), resized like create_input_files does."""
-    try:
-        if isinstance(source, Image.Image):
-            image = source.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-        else:
-            with Image.open(source) as image:
-                image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise ToolkitError(f"cannot read image {source!r}: {error}") from None
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
 def image_tensor(source, image_size):

@@ -618,8 +618,8 @@ class Trainer:
     def print_resume_command(self):
         """After Ctrl-C or SIGTERM: the command that resumes this run from its last checkpoint."""
         if not os.path.isfile(self.paths.last):
-            print(f"\nStopped before the first epoch ended: no checkpoint was written; run the same command to "
-                  f"start again.")
+            print("\nStopped before the first epoch ended: no checkpoint was written; run the same command to "
+                  "start again.")
             return
         defaults = default_cfg()
         options = [f"--{key.replace('_', '-')} {shlex.quote(str(value))}" if not isinstance(value, bool)

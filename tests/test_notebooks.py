@@ -68,19 +68,21 @@ def test_notebook_is_committed_without_outputs(name):
 
 def test_train_notebook_trains_and_shows_the_epochs(trained_in_notebook, tiny_shapes):
     notebook, folder = trained_in_notebook
-    [checkpoint_path] = [p for p in os.listdir(folder) if p.startswith("checkpoint_")]
+    checkpoint_path, scst_path = sorted(p for p in os.listdir(folder) if p.startswith("checkpoint_"))
+    assert scst_path == checkpoint_path.replace(".pth.tar", "_scst.pth.tar")  # the second stage's cell
+    assert load_checkpoint(os.path.join(folder, scst_path))["cfg"]["training"] == "scst"
     checkpoint = load_checkpoint(os.path.join(folder, checkpoint_path))
     assert checkpoint["cfg"]["decoder"] == "attention" and checkpoint["cfg"]["data_folder"] == tiny_shapes.folder
     assert checkpoint["history"]["epoch"] == [0]
     assert "* LOSS - " in printed(notebook)
     history_table = [output.data["text/markdown"] for output in outputs(notebook) if "text/markdown" in output.get("data", {})]
     assert len(history_table) == 1 and "val BLEU-4" in history_table[0]
-    assert len(displayed_images(notebook)) == 1  # the training curves
+    assert len(displayed_images(notebook)) == 2  # the training curves, then those of both stages
 
 
 def test_test_notebook_prints_bleu(trained_in_notebook, monkeypatch):
     _, folder = trained_in_notebook
-    [best] = [p for p in os.listdir(folder) if p.startswith("BEST_")]
+    [best] = [p for p in os.listdir(folder) if p.startswith("BEST_") and not p.endswith("_scst.pth.tar")]
     notebook = execute("test.ipynb", {"checkpoint": str(folder / best), "coco_metrics": False, "beam_size": 2},
                        monkeypatch)
     text = printed(notebook)
@@ -96,7 +98,8 @@ def test_test_notebook_prints_bleu(trained_in_notebook, monkeypatch):
 def test_caption_notebook_draws_the_figure(decoder, trained_in_notebook, tiny_shapes, tmp_path, monkeypatch):
     if decoder == "attention":
         folder = trained_in_notebook[1]
-        [checkpoint] = [str(folder / p) for p in os.listdir(folder) if p.startswith("BEST_")]
+        [checkpoint] = [str(folder / p) for p in os.listdir(folder)
+                        if p.startswith("BEST_") and not p.endswith("_scst.pth.tar")]
     else:
         checkpoint = solver.train(tiny_cfg(tiny_shapes, tmp_path))["best_checkpoint"]
     notebook = execute("caption.ipynb", {"checkpoint": checkpoint, "image_path": first_test_image(tiny_shapes),

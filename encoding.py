@@ -36,6 +36,15 @@ class EncodingPlan:
         return f"{layout}, {self.chunk_size} images per call{rate}"
 
 
+def cache_plan(device, batch_size):
+    """The fixed plan of a feature-cache build: channels_last, 16 images a call on the CPU and the whole batch
+    elsewhere. Fixed rather than probed: a cache's features must not depend on how busy the machine was when it
+    was built (runs and resumes stay repeatable). On this project's 2-core CPU it is the probe's usual choice and
+    encodes about 2 x faster than the default layout at batch 50 (EfficientNet-Lite0; 1.6 x for ResNet-101)."""
+    chunk = min(16, batch_size) if torch.device(device).type == "cpu" else batch_size
+    return EncodingPlan(torch.channels_last, max(1, chunk))
+
+
 def encoder_device(encoder):
     return next(encoder.parameters()).device
 

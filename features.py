@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from data_files import data_paths, feature_cache_path, new_hdf5_file
 from datasets import ImageCaptionsDataset, opened_images_file
-from encoding import EncodingPlan, encode_images
+from encoding import cache_plan, encode_images, set_memory_format
 from utils import ToolkitError, atomic_path, check_free_space, format_bytes, remove_stale_temp_files
 
 CACHE_FORMAT = "features/1"
@@ -119,9 +119,8 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
         features = h5.create_dataset("features", (len(dataset), positions, channels), dtype="float16",
                                      chunks=(1, positions, channels))
         start = 0
-        # the plain pass (default layout, one call per batch), not a timed probe's choice: a cache's features must
-        # not depend on how busy the machine was when it was built (runs and resumes stay repeatable)
-        plan = EncodingPlan(torch.contiguous_format, max(1, batch_size))
+        plan = cache_plan(device, batch_size)
+        set_memory_format(encoder, plan.memory_format)
         with torch.inference_mode():
             for images, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
                 grid = encode_images(encoder, images.to(device), plan)  # (B, G, G, C)

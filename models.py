@@ -685,11 +685,12 @@ class TransformerCaptionLayer(nn.Module):
         keys, values = self.cross_kv(grid).chunk(2, dim=2)
         return split_heads(keys, self.heads), split_heads(values, self.heads)
 
-    def forward(self, x, past_keys, past_values, memory_keys, memory_values, need_weights=False):
+    def forward(self, x, past_keys, past_values, memory_keys, memory_values, need_weights=False, layout=None):
         """x (N, T, D): the T positions after the t cached ones, whose keys and values are past_keys and
         past_values (N, H, t, D / H); memory keys and values (B, H, P, D / H), each row shared by N / B
-        consecutive rows of x. Returns x (N, T, D), the keys and values of all t + T positions, and the
-        cross-attention weights averaged over the heads (N, T, P) if `need_weights`, else None."""
+        consecutive rows of x, or by the rows a RowLayout assigns it. Returns x (N, T, D), the keys and values
+        of all t + T positions, and the cross-attention weights averaged over the heads (N, T, P) if
+        `need_weights`, else None."""
         dropout_p = self.dropout_p if self.training else 0.0
         new, past = x.size(1), past_keys.size(2)
         projections = self.self_qkv(self.self_norm(x)).chunk(3, dim=2)  # 3 x (N, T, D)
@@ -700,7 +701,11 @@ class TransformerCaptionLayer(nn.Module):
         attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p)
         x = x + self.dropout(self.self_out(merge_heads(attended)))
         queries = split_heads(self.cross_query(self.cross_norm(x)), self.heads)  # (N, H, T, Dh)
+        if layout is not None:  # each image's rows in its `width` slots: (B * width, H, T, Dh)
+            queries = layout.pad(queries, memory_keys.size(0))
         attended, weights = cross_attention(queries, memory_keys, memory_values, need_weights, dropout_p)
+        if layout is not None:  # back to the N rows
+            attended, weights = layout.unpad(attended), None if weights is None else layout.unpad(weights)
         x = x + self.dropout(self.cross_out(merge_heads(attended)))
         x = x + self.dropout(self.ff(self.ff_norm(x)))
         return x, keys, values, weights
@@ -724,7 +729,7 @@ class DecoderWithTransformer(CaptionDecoder):
     """
 
     has_attention = True
-    handles_layout = False
+    handles_layout = True
     lr_warmup = True
 
     #: cfg key -> constructor argument (embed_dim is not used: the embeddings are decoder_dim wide)
@@ -766,11 +771,8 @@ class DecoderWithTransformer(CaptionDecoder):
         return memory, (no_words,) * len(memory)
 
     def one_step(self, embeddings, memory, state, layout=None):
-        if layout is not None:
-            raise ValueError("DecoderWithTransformer does not read a RowLayout (handles_layout is False): "
-                             "give it one memory row per state row, or k consecutive state rows per memory row")
         x = self.embed_positions(embeddings.unsqueeze(1), state[0].size(2))  # (N, 1, D)
-        scores, state, attention = self.run_layers(x, memory, state)
+        scores, state, attention = self.run_layers(x, memory, state, layout)
         return scores[:, 0], state, attention[:, 0]  # (N, V), state, (N, P)
 
     def decode_teacher_forced(self, embeddings, memory, state, decode_lengths):
@@ -788,13 +790,14 @@ class DecoderWithTransformer(CaptionDecoder):
         positions = sinusoidal_positions(start, embeddings.size(1), self.decoder_dim, embeddings.device)
         return self.dropout(embeddings * math.sqrt(self.decoder_dim) + positions.to(embeddings.dtype))
 
-    def run_layers(self, x, memory, state):
+    def run_layers(self, x, memory, state, layout=None):
         """(N, T, D) inputs after the cached positions -> scores (N, T, V), the grown cache, and the last
         layer's cross-attention averaged over the heads (N, T, P)."""
         new_state = []
         for index, layer in enumerate(self.layers):
             x, keys, values, attention = layer(x, state[2 * index], state[2 * index + 1], memory[2 * index],
-                                               memory[2 * index + 1], need_weights=index == len(self.layers) - 1)
+                                               memory[2 * index + 1], need_weights=index == len(self.layers) - 1,
+                                               layout=layout)
             new_state += [keys, values]
         return self.fc(self.final_norm(x)), tuple(new_state), attention
 

@@ -1,4 +1,5 @@
 """The Transformer decoder: shapes, incremental decoding against the causal pass, learning, beam search, cfg."""
+import copy
 import functools
 
 import pytest
@@ -170,10 +171,14 @@ def briefly_trained():
     return decoder.eval(), encoder_out
 
 
+@pytest.mark.parametrize("handles_layout", [True, False])
 @pytest.mark.parametrize("beam_size", [1, 3, 5])
-def test_batched_beam_search_equals_one_image_beam_search(beam_size):
-    """beam_search gives a decoder whose handles_layout is False one memory row per state row."""
-    decoder, encoder_out = briefly_trained()
+def test_batched_beam_search_equals_one_image_beam_search(beam_size, handles_layout):
+    """With its RowLayout, and as a decoder that does not read one (beam_search then gives it a copy of its
+    image's memory row for each state row)."""
+    trained, encoder_out = briefly_trained()
+    decoder = copy.copy(trained)  # the cached decoder's weights, this test's declaration
+    decoder.handles_layout = handles_layout
     batched = beam_search(decoder, encoder_out, START, END, beam_size, max_steps=14)
     reference = [beam_search_one(decoder, encoder_out[i:i + 1], START, END, beam_size, max_steps=14)
                  for i in range(len(encoder_out))]
@@ -182,14 +187,6 @@ def test_batched_beam_search_equals_one_image_beam_search(beam_size):
     assert len({len(c.words) for c in reference}) > 2, "captions should end at different steps"
     for got, want in zip(batched, reference):
         torch.testing.assert_close(got.alphas, want.alphas, atol=1e-5, rtol=0)
-
-
-def test_a_row_layout_is_refused():
-    decoder = small_transformer()
-    memory, state = decoder.start(torch.randn(2, 9, CHANNELS))
-    layout = models.RowLayout(torch.tensor([0, 1]), torch.tensor([0, 0]), 1)
-    with pytest.raises(ValueError, match="RowLayout"):
-        decoder.one_step(decoder.embedding(torch.tensor([START, START])), memory, state, layout)
 
 
 CFG = {"embed_dim": 8, "attention_dim": 10, "decoder_dim": 12, "dropout": 0.2}
@@ -228,4 +225,4 @@ def test_decoders_declare_their_behaviour():
     assert declared == {DecoderWithRNN: (False, False, False, True, False),
                         DecoderWithAttention: (True, False, True, True, False),
                         DecoderWithAdaptiveAttention: (True, True, False, True, False),
-                        DecoderWithTransformer: (True, False, False, False, True)}
+                        DecoderWithTransformer: (True, False, False, True, True)}

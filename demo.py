@@ -100,8 +100,8 @@ class Settings:
     seed: int = 0
 
 
-# Sized to finish under 10 minutes on a 2-core CPU: 800/100/100 images and 4 + 2 epochs (2026-12-02: 2000/200/200
-# images and 6 + 3 epochs took about 25 minutes there once every decoder and the blind control were in).
+# Sized for 10 minutes on a 2-core CPU: 800/100/100 images and 4 + 2 epochs (2026-12-02: with 2000/200/200 images
+# and 6 + 3 epochs, a run was still in the 2nd of its 6 trainings after 7 minutes).
 FULL = Settings(train_images=800, val_images=100, test_images=100, image_size=192, encoded_image_size=6,
                 dim=256, epochs=4, scst_epochs=2, batch_size=160, coco_metrics=True, preprocess_workers=None)
 QUICK = Settings(train_images=40, val_images=10, test_images=10, image_size=64, encoded_image_size=2,

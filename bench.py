@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from unittest import mock
 
 import h5py
 import torch
@@ -39,14 +40,15 @@ from tqdm import tqdm
 
 import solver
 from beam_search import beam_search, beam_search_one
-from checkpoints import save_checkpoint
+from captioner import Captioner
 from create_input_files import create_input_files
 from data_files import base_name
-from datasets import ImageCaptionsDataset, load_word_map, normalize_images
-from encoding import encode_images, encoding_plan
+from datasets import ImageCaptionsDataset, normalize_images
+from encoding import EncodingPlan, encode_images, encoding_plan
 from config import validate_cfg
+import features
 from features import ensure_feature_cache
-from models import BACKBONES, Encoder, build_decoder
+from models import BACKBONES, Encoder
 from shapes import IMAGE_FOLDER, JPEG_QUALITY, make_shapes_dataset
 from training import Trainer
 from utils import atomic_path, run_cli
@@ -265,6 +267,15 @@ def build_feature_caches(encoder, data, cache_folder, device):
     return FeatureCache(paths, tuple(os.stat(path).st_mtime_ns for path in paths), images, seconds)
 
 
+def plain_cache_build(encoder, data, cache_folder):
+    """The TRAIN and VAL feature caches built the plain way, timed: the default layout and the whole batch a call,
+    as before features.build_feature_cache took encoding.cache_plan (the baseline of cache_build_speedup)."""
+    def plain_plan(device, batch_size):
+        return EncodingPlan(torch.contiguous_format, batch_size)
+    with mock.patch.object(features, "cache_plan", plain_plan):
+        return build_feature_caches(encoder, data, cache_folder, "cpu")
+
+
 def check_reads_cache(trainer, cache):
     """A grouped Trainer must read the caches built (and timed) before, not rebuild them."""
     stamps = tuple(os.stat(path).st_mtime_ns for path in cache.paths)
@@ -283,7 +294,8 @@ def read_cached_features(path):
 
 def training_section(data, work, settings):
     """Per decoder: course-style vs grouped + cached training, then the beam search comparison on a
-    decoder trained a little further. Returns the figures."""
+    decoder trained a little further. Returns the figures and the best checkpoint of the trained attention
+    decoder (what encoder_section tests)."""
     figures = {"train": {}, "beam": {}}
     cache = None
     for decoder_name in DECODERS:
@@ -313,12 +325,13 @@ def training_section(data, work, settings):
                                                         settings)
         if decoder_name == "attention":
             figures["scst"] = scst_section(fast, data, work, settings)
+            trained_checkpoint = fast.paths.best  # written by scst_section
         del fast, fast_steps
     figures["transformer"] = transformer_section(data, work, settings, cache)
     figures["beam"]["transformer"] = figures["transformer"].pop("beam")
     figures["feature_cache"] = cache.figures()
     report_coco_projection(figures["train"]["attention"]["coco_projection"])
-    return figures
+    return figures, trained_checkpoint
 
 
 def report_training(decoder_name, train, settings):
@@ -628,16 +641,18 @@ def backbone_table(image_size=256, encoded_image_size=14, backbones=BACKBONES):
 
 # ---------------------------------------------------------------- main
 
-def encoder_section(data, work, settings, feature_cache):
+def encoder_section(data, work, settings, feature_cache, checkpoint):
     """The toolkit's encoder pass (measured layout and chunk size) against the plain encoder at batch 50 in the
-    default layout, and the whole test path (encoder and beam search) over the same VAL images; the feature
-    cache build rate of the training section beside them. Returns the figures."""
+    default layout, the encoder's arithmetic rate against the machine's convolution rate, the whole test path
+    (encoder and beam search of the trained attention decoder in `checkpoint`) over the same VAL images, and the
+    feature cache build of the training section against a plain build. Returns the figures."""
     dataset = ImageCaptionsDataset(data.folder, data.name, "VAL")
     images = torch.stack([dataset[index][0] for index in range(min(BEAM_BATCH, len(dataset)))])  # uint8 (N, 3, S, S)
     reference = Encoder(settings.grid, settings.backbone, data.encoder_weights).eval()
     toolkit = copy.deepcopy(reference)
     plan, probe_seconds = timed(encoding_plan, toolkit, settings.image_size, len(images))  # as test will probe
-    checkpoint = bench_checkpoint(data, work, settings, reference)
+    with torch.inference_mode():
+        gflops_per_image = _gflops(reference, normalize_images(images[:1]))
 
     def reference_pass(batch):
         with torch.inference_mode():
@@ -649,37 +664,50 @@ def encoder_section(data, work, settings, feature_cache):
                                coco_metrics=False)
 
     passes = {"reference": reference_pass, "toolkit": lambda batch: encode_images(toolkit, batch, plan),
-              "test": test_path}
+              "test": test_path, "load": lambda _: Captioner.from_checkpoint(checkpoint, "cpu")}
     fastest = fastest_alternately(passes, settings.timing_rounds, images)
+    plain_cache = plain_cache_build(reference, data, os.path.join(work, "plain_cache")).figures()
     rates = {"reference": len(images) / fastest["reference"][1], "toolkit": len(images) / fastest["toolkit"][1],
-             "test": len(dataset) / fastest["test"][1]}
+             "test": len(dataset) / fastest["test"][1],
+             "test_steady": len(dataset) / (fastest["test"][1] - fastest["load"][1])}
+    conv_rate = convolution_gflops_per_s()
+    encoder_rate = rates["toolkit"] * gflops_per_image
     report("encoder_plan", f"{plan.describe()} (probe {probe_seconds:.1f} s, once per process)")
     report("encoder_reference_images_per_s", f"{rates['reference']:.2f} ({settings.backbone}, batch {len(images)}, "
                                              f"default layout)")
     report("encoder_images_per_s", f"{rates['toolkit']:.2f} (the toolkit's encoder pass)")
     report_ratio("encoder_speedup", rates["toolkit"] / rates["reference"])
+    report("encoder_gflops_per_s", f"{encoder_rate:.0f} ({gflops_per_image:.1f} GFLOPs an image; "
+                                   f"{encoder_rate / conv_rate:.0%} of this machine's convolution rate, "
+                                   f"{conv_rate:.0f} GFLOPS on one 3 x 3 layer)")
     report("test_images_per_s", f"{rates['test']:.2f} (solver.test over {len(dataset)} VAL images, beam size "
-                                f"{BEAM_SIZE}, random-weights decoder, no coco metrics)")
+                                f"{BEAM_SIZE}, the trained attention decoder of the beam section, no coco metrics; "
+                                f"{rates['test'] / rates['toolkit']:.0%} of the encoder pass alone)")
+    report("test_steady_images_per_s", f"{rates['test_steady']:.2f} (the same without loading the checkpoint, "
+                                       f"{fastest['load'][1]:.2f} s once per call, as in a COCO-sized test: "
+                                       f"{rates['test_steady'] / rates['toolkit']:.0%} of the encoder pass alone)")
+    report("cache_build_reference_images_per_s", f"{plain_cache['images_per_s']:.2f} (the same caches, default "
+                                                 f"layout, {BATCH_SIZE} images a call)")
     report("cache_build_images_per_s", f"{feature_cache['images_per_s']:.2f} (TRAIN + VAL, training section)")
+    report_ratio("cache_build_speedup", feature_cache["images_per_s"] / plain_cache["images_per_s"])
     return {"reference_images_per_s": rates["reference"], "images_per_s": rates["toolkit"],
-            "test_images_per_s": rates["test"], "cache_build_images_per_s": feature_cache["images_per_s"],
+            "test_images_per_s": rates["test"], "test_steady_images_per_s": rates["test_steady"],
+            "test_load_seconds": fastest["load"][1], "cache_build_images_per_s": feature_cache["images_per_s"],
+            "cache_build_reference_images_per_s": plain_cache["images_per_s"],
+            "gflops_per_image": gflops_per_image, "gflops_per_s": encoder_rate, "conv_gflops_per_s": conv_rate,
             "plan": {"channels_last": plan.memory_format == torch.channels_last, "chunk_size": plan.chunk_size},
             "probe_seconds": probe_seconds}
 
 
-def bench_checkpoint(data, work, settings, encoder):
-    """A checkpoint of this encoder and an attention decoder with random weights, for timing solver.test."""
-    cfg = validate_cfg({"data_folder": data.folder, "data_name": data.name, "decoder": "attention",
-                        "encoder": settings.backbone, "encoder_weights": None, "encoded_image_size": settings.grid,
-                        "embed_dim": settings.dims, "attention_dim": settings.dims, "decoder_dim": settings.dims,
-                        "device": "cpu"})
-    word_map = load_word_map(data.folder, data.name)
-    torch.manual_seed(SEED)
-    decoder = build_decoder(cfg, len(word_map), encoder.encoder_dim)
-    path = os.path.join(work, "bench_test.pth.tar")
-    save_checkpoint({"cfg": cfg, "word_map": word_map, "image_size": settings.image_size,
-                     "encoder_state": encoder.state_dict(), "decoder_state": decoder.state_dict()}, path)
-    return path
+@torch.inference_mode()
+def convolution_gflops_per_s(channels=256, side=56, batch=4, runs=5):
+    """The machine's float32 convolution rate: one 3 x 3 layer of ResNet's size in channels_last, the fastest
+    of `runs` calls after a warm-up (the ceiling an encoder pass can approach)."""
+    layer = nn.Conv2d(channels, channels, 3, padding=1, bias=False).eval().to(memory_format=torch.channels_last)
+    inputs = torch.randn(batch, channels, side, side).contiguous(memory_format=torch.channels_last)
+    layer(inputs)
+    seconds = min(timed(layer, inputs)[1] for _ in range(runs))
+    return 2 * batch * channels * channels * 9 * side * side / seconds / 1e9
 
 
 def run_benchmark(settings, data_folder=None):
@@ -703,11 +731,12 @@ def run_benchmark(settings, data_folder=None):
     with tempfile.TemporaryDirectory(prefix="bench_") as work:
         data_folder = data_folder or os.path.join(work, "data")
         data = make_bench_data(data_folder, work, settings)
-        figures.update(training_section(data, work, settings))
+        training_figures, trained_checkpoint = training_section(data, work, settings)
+        figures.update(training_figures)
         mismatches = sum(beam["mismatches"] for beam in figures["beam"].values())
         report("beam_mismatches", f"{mismatches}")
         figures["beam_mismatches"] = mismatches
-        figures["encoder"] = encoder_section(data, work, settings, figures["feature_cache"])
+        figures["encoder"] = encoder_section(data, work, settings, figures["feature_cache"], trained_checkpoint)
         figures["preprocess"] = preprocess_section(work, settings)
         figures["gpu"] = gpu_section(data, work, settings)
     figures["load_average_at_end"] = os.getloadavg()[0]

@@ -25,7 +25,9 @@ import time
 from collections import Counter
 
 # Before torch starts its OpenMP threads: waiting threads sleep instead of spinning. On a CPU shared with
-# other processes, spinning threads hold the cores the others need, and training runs many times slower.
+# other processes, spinning threads hold the cores the others need, and training runs many times slower. On an
+# idle machine it costs time (2026-12-02, idle 2-core Intel Xeon: the demo 385 s, 289 s with OMP_WAIT_POLICY= set
+# empty, which keeps OpenMP's default); the demo keeps it for the machines where the 10 minutes are tight.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import h5py  # noqa: E402
@@ -94,18 +96,23 @@ class Settings:
     dim: int  # embed_dim = attention_dim = decoder_dim
     epochs: int
     scst_epochs: int  # epochs of the SCST stage after the cross-entropy epochs
+    blind_epochs: int  # the blind control's: until its validation loss stops falling (it has only words to learn)
     batch_size: int
     coco_metrics: bool  # METEOR, ROUGE-L, CIDEr besides the course's BLEU (METEOR runs Java: seconds per test)
     preprocess_workers: int | None  # None: all cores
     seed: int = 0
 
 
-# Sized for 10 minutes on a 2-core CPU: 800/100/100 images and 4 + 2 epochs (2026-12-02: with 2000/200/200 images
-# and 6 + 3 epochs, a run was still in the 2nd of its 6 trainings after 7 minutes).
+# Sized for 10 minutes on a 2-core CPU: 800/100/100 images and 4 + 2 epochs (2026-12-02: 286 s on an idle Intel
+# Xeon, 715-901 s when the host took 7-44 % of its time; with 2000/200/200 images and 6 + 3 epochs a run was still
+# in the 2nd of its 6 trainings after 7 minutes). The blind control's validation loss falls for 5-6 epochs and is
+# flat by 12 (1.384 at epoch 5, 1.357 at 12): after 4 it still wrote a caption scoring half the best constant one.
 FULL = Settings(train_images=800, val_images=100, test_images=100, image_size=192, encoded_image_size=6,
-                dim=256, epochs=4, scst_epochs=2, batch_size=160, coco_metrics=True, preprocess_workers=None)
+                dim=256, epochs=4, scst_epochs=2, blind_epochs=12, batch_size=160, coco_metrics=True,
+                preprocess_workers=None)
 QUICK = Settings(train_images=40, val_images=10, test_images=10, image_size=64, encoded_image_size=2,
-                 dim=32, epochs=1, scst_epochs=1, batch_size=40, coco_metrics=False, preprocess_workers=1)
+                 dim=32, epochs=1, scst_epochs=1, blind_epochs=1, batch_size=40, coco_metrics=False,
+                 preprocess_workers=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,13 +181,17 @@ def make_blind_data(data, folder):
 def run_cfg(settings, data, run, output_folder, device, checkpoint=None):
     """The training cfg of one run (every other key keeps its default, see config.CFG_SCHEMA)."""
     stage = ({"training": "scst", "checkpoint": checkpoint, "epochs": settings.scst_epochs, "scst_lr": SCST_LR}
-             if run.training == "scst" else {})
+             if run.training == "scst" else {"epochs": settings.blind_epochs} if run.blind else {})
     return {"data_folder": data.folder, "data_name": data.data_name, "decoder": run.decoder,
             "encoder": ENCODER, "encoder_weights": "DEFAULT", "encoded_image_size": settings.encoded_image_size,
             "fine_tune_encoder": False,  # frozen: every image is encoded once, into the feature cache
             "embed_dim": settings.dim, "attention_dim": settings.dim, "decoder_dim": settings.dim,
             "epochs": settings.epochs, "batch_size": settings.batch_size, "decoder_lr": DECODER_LR,
             "print_freq": 0, "seed": settings.seed,
+            # Bitwise-repeatable training: on the CPU the backward of advanced indexing otherwise adds its terms in
+            # an order that depends on the threads (two runs differed in the 5th digit of the val loss after two
+            # epochs); it costs about 5 % of the training time here.
+            "deterministic": True,
             "device": device, "output_folder": output_folder, "overwrite": True, **stage, **dict(run.options)}
 
 
@@ -260,7 +271,10 @@ def report_markdown(settings, data, runs, results, predictions, example, seconds
         f"rate {SCST_LR:g}, {5} samples per image, mean baseline) and kept the checkpoint with the best "
         f"validation CIDEr-D of greedy captions. Each was tested with beam search (beam size {BEAM_SIZE}) on the "
         f"test split. `blind` is the control: the attention decoder trained and tested on the same data with every "
-        f"image replaced by one grey image, so it learns the best it can say without looking.",
+        f"image replaced by one grey image, so it learns the best it can say without looking; it trained for "
+        f"{settings.blind_epochs} epoch(s), until its validation loss stopped falling, so that the models' lead "
+        f"over it is not a lead over an unfinished control. Training is deterministic (cfg `deterministic`): "
+        f"the same machine and seed give the same table.",
         "",
         markdown_table(run_rows, [("run", "run"), ("what", "model"), ("decoder", "cfg decoder"),
                                   ("stage", "training"), ("epochs", "epochs"), ("seconds", "training s")]),

@@ -43,7 +43,8 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
 
     Returns a dict with the course's BLEU (`bleu1`..`bleu4`, nltk corpus_bleu against the split's
     captions) and, with coco_metrics, the coco-caption metrics against each image's full original
-    references. `blind` replaces every image by a blank one (the language prior alone).
+    references. `blind` replaces every image by a black one: what this model says about an image with nothing
+    in it (not a language prior: a model never trained on such images; the demo's blind control is trained on them).
     """
     check_beam_size(beam_size)
     if predictions_json:
@@ -176,7 +177,7 @@ OPTION_HELP = {
     "data_folder": "where the data is now, if it moved since training",
     "batch_size": "images per batch of the encoder and the beam search",
     "max_steps": "longest caption, in words, before the beam search stops",
-    "blind": "blank images: what the language prior alone scores",
+    "blind": "black images: what the model says about an image with nothing in it",
     "device": "cpu, cuda, cuda:1...; None: cuda when available",
     "coco_metrics": "also score with coco-caption (METEOR, ROUGE-L, CIDEr-D...)",
     "workers": "DataLoader worker processes; None: 0 on the CPU (the encoder needs its cores), min(4, cores) on CUDA",

@@ -12,7 +12,8 @@ import torch
 import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RATIO_LINES = ("train_speedup_attention", "train_speedup_rnn", "beam_speedup", "preprocess_speedup")
+RATIO_LINES = ("train_speedup_attention", "train_speedup_rnn", "beam_speedup", "preprocess_speedup", "encoder_speedup",
+               "cache_build_speedup")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,12 @@ def test_json_holds_the_absolute_figures_behind_each_ratio(quick_run):
         assert 0 < train["course"]["captions"] <= rounds * 32
     assert values["preprocess_speedup"] == f"{figures['preprocess']['speedup']:.2f} x"
     assert figures["feature_cache"]["images"] == bench.QUICK.train_images + bench.QUICK.val_images
+    encoder = figures["encoder"]
+    assert values["encoder_speedup"] == f"{encoder['images_per_s'] / encoder['reference_images_per_s']:.2f} x"
+    cache_speedup = encoder["cache_build_images_per_s"] / encoder["cache_build_reference_images_per_s"]
+    assert values["cache_build_speedup"] == f"{cache_speedup:.2f} x"
+    assert encoder["gflops_per_s"] == pytest.approx(encoder["images_per_s"] * encoder["gflops_per_image"])
+    assert 0 < encoder["test_images_per_s"] and 0 < encoder["gflops_per_s"] < 10 * encoder["conv_gflops_per_s"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU section runs on this machine")

@@ -72,3 +72,25 @@ def test_the_blind_control_trains_and_tests_on_images_that_are_all_the_same(quic
         with h5py.File(quick_demo / demo.BLIND_FOLDER / f"{split}_IMAGES_{cfg['data_name']}.hdf5", "r") as h5:
             images = h5["images"][...]
         assert (images == demo.BLIND_GREY).all() and len(images) > 1
+
+
+def test_a_blind_control_trained_on_constant_images_scores_near_the_best_constant_caption(tmp_path):
+    """Trained and tested on grey images, the attention decoder learns the best it can say without looking: one
+    caption for every test image, scoring near the best caption written without looking (not near zero)."""
+    import solver
+    import shapes
+    from conftest import make_tiny_shapes, tiny_cfg
+
+    n_train, n_val, n_test = 400, 20, 60
+    data = make_tiny_shapes(tmp_path / "data", n_train, n_val, n_test, image_size=32)
+    blind = demo.make_blind_data(demo.Data(data.folder, data.data_name, None, {}), str(tmp_path / "blind"))
+    # 10 epochs: the validation loss is flat from the 6th (about 1.0)
+    run = solver.train(tiny_cfg(blind, tmp_path / "runs", decoder="attention", epochs=10, decoder_lr=4e-3,
+                                embed_dim=64, attention_dim=64, decoder_dim=64, deterministic=True))
+    predictions = tmp_path / "blind.json"
+    scores = solver.test(run["best_checkpoint"], demo.BEAM_SIZE, predictions_json=str(predictions),
+                         coco_metrics=False, device="cpu")
+    captions = {prediction["caption"] for prediction in json.loads(predictions.read_text(encoding="utf-8"))}
+    best_constant = shapes.bleu_figures(n_test, seed=0, first_index=n_train + n_val)["blind"]  # 0.269
+    assert len(captions) == 1
+    assert 0.2 <= best_constant and 0.6 * best_constant <= scores["bleu4"] <= best_constant + 0.02

@@ -1,6 +1,6 @@
 """Speed of the toolkit's fast paths against the course's code, measured side by side on shapes data.
 
-    python bench.py                  # CPU figures (about 3.5 minutes on an idle 2 cores); GPU section on CUDA
+    python bench.py                  # CPU figures (about 8 minutes on an idle 2 cores); GPU section on CUDA
     python bench.py --quick          # a few seconds per part (small backbone and images): for the tests
     python bench.py --json FILE      # also write every figure as JSON
     python bench.py --backbones      # markdown table of the encoder backbones: C, size, GFLOPs, CPU ms
@@ -8,8 +8,8 @@
 
 The CPU part uses the course's model configuration (ResNet-101 with random weights, 256 x 256 images,
 14 x 14 grid, batch 32, embed/attention/decoder 512) and prints one line per figure; the ratios are
-`train_speedup_attention`, `train_speedup_rnn`, `beam_speedup` (with `beam_mismatches`) and
-`preprocess_speedup`, each with the absolute figures behind it. Every timed part runs the toolkit's
+`train_speedup_attention`, `train_speedup_rnn`, `beam_speedup` (with `beam_mismatches`), `encoder_speedup`,
+`cache_build_speedup` and `preprocess_speedup`, each with the absolute figures behind it. Every timed part runs the toolkit's
 own code (training.Trainer.train_step, beam_search, create_input_files) after a warm-up, in
 one process, with data loading in that process too (workers=0), so both sides of a ratio pay for it.
 """
@@ -47,7 +47,6 @@ from datasets import ImageCaptionsDataset, normalize_images
 from encoding import EncodingPlan, encode_images, encoding_plan
 from config import validate_cfg
 import features
-from features import ensure_feature_cache
 from models import BACKBONES, Encoder
 from shapes import IMAGE_FOLDER, JPEG_QUALITY, make_shapes_dataset
 from training import Trainer
@@ -257,8 +256,9 @@ class FeatureCache:
 def build_feature_caches(encoder, data, cache_folder, device):
     """Build the TRAIN and VAL feature caches as train(cfg) does, timed."""
     encoder.eval()
-    paths, seconds = timed(lambda: tuple(ensure_feature_cache(encoder, data.folder, data.name, split, cache_folder,
-                                                              batch_size=BATCH_SIZE, device=device)
+    paths, seconds = timed(lambda: tuple(features.ensure_feature_cache(encoder, data.folder, data.name, split,
+                                                                       cache_folder, batch_size=BATCH_SIZE,
+                                                                       device=device)
                                          for split in ("TRAIN", "VAL")), device=device)
     images = 0
     for path in paths:

@@ -104,9 +104,10 @@ class Settings:
 
 
 # Sized for 10 minutes on a 2-core CPU: 800/100/100 images and 4 + 2 epochs (2026-12-02: 385 s on an idle Intel
-# Xeon with these settings; 715-901 s with the blind control at 4 epochs when the host took 7-44 % of its time; with 2000/200/200 images and 6 + 3 epochs a run was still
-# in the 2nd of its 6 trainings after 7 minutes). The blind control's validation loss falls for 5-6 epochs and is
-# flat by 12 (1.384 at epoch 5, 1.357 at 12): after 4 it still wrote a caption scoring half the best constant one.
+# Xeon with these settings; 715-901 s with the blind control at 4 epochs while the host took 7-44 % of its time;
+# with 2000/200/200 images and 6 + 3 epochs a run was still in the 2nd of its 6 trainings after 7 minutes). The blind
+# control's validation loss falls for 5-6 epochs and is flat by 12 (1.384 at epoch 5, 1.357 at 12): after 4 it still
+# wrote a caption scoring half the best constant one.
 FULL = Settings(train_images=800, val_images=100, test_images=100, image_size=192, encoded_image_size=6,
                 dim=256, epochs=4, scst_epochs=2, blind_epochs=12, batch_size=160, coco_metrics=True,
                 preprocess_workers=None)

@@ -19,9 +19,11 @@ from config import add_cfg_options, upgrade_cfg, validate_cfg, with_env_override
 from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map
 from features import ensure_feature_cache
 from grounding import caption_grounding
-from training import Trainer, build_encoder, default_workers, strip_special, word_map_mismatch
-from utils import (ToolkitError, atomic_path, check_writable_file, check_writable_folder, coco_caption_metrics,
-                   course_bleu, format_metrics, results_table, run_cli)
+from metrics import coco_caption_metrics, course_bleu, format_metrics, results_table
+from models import build_encoder
+from training import Trainer, default_workers, word_map_mismatch
+from utils import ToolkitError, atomic_path, check_writable_file, check_writable_folder, run_cli
+from vocabulary import strip_special
 
 
 def train(cfg):

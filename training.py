@@ -23,28 +23,26 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from checkpoints import (RunLock, RunPaths, check_resume_keys, checkpoint_bytes, load_checkpoint, run_name,
-                         save_checkpoint)
+from checkpoints import (RunLock, RunPaths, check_resume_keys, checkpoint_bytes, empty_history, load_checkpoint,
+                         run_name, save_checkpoint)
 from config import CFG_SCHEMA, MODEL_KEYS, default_cfg, upgrade_cfg
 from data_files import data_paths, feature_cache_path
-from datasets import CaptionDataset, ImageCaptionsDataset, check_data_files, load_word_map, normalize_images
+from datasets import CaptionDataset, ImageCaptionsDataset, check_data_files, load_word_map
 from distributed import Ranks, contiguous_slice, shard_indices, unwrapped
 from encoding import training_layout
 from features import (build_feature_cache, cache_problem, encoder_fingerprint, ensure_feature_cache,
                       join_feature_parts)
-from models import Encoder, build_decoder
+from images import normalize_images
+from metrics import course_bleu
+from models import build_decoder, build_encoder
 from cider import CiderD
 from run_log import RunLog
 from sampling import greedy_captions
 from training_steps import STAGES, TeacherForced, encoded_references, top5_accuracy
-from utils import ToolkitError, check_free_space, check_writable_folder, course_bleu, remove_stale_temp_files
+from utils import ToolkitError, check_free_space, check_writable_folder, remove_stale_temp_files
+from vocabulary import strip_special
 
-SPECIAL_WORDS = ("<start>", "<end>", "<pad>")
 RESUME_OPTION_SKIP = ("checkpoint", "overwrite")  # not repeated in the printed resume command
-
-
-def build_encoder(cfg, weights):
-    return Encoder(cfg["encoded_image_size"], backbone=cfg["encoder"], weights=weights)
 
 
 def make_optimizer(parameters, lr):
@@ -63,19 +61,8 @@ def scale_learning_rate(optimizer, factor):
     print(f"The new learning rate is {optimizer.param_groups[0]['lr']:.6g}")
 
 
-def strip_special(caption, word_map):
-    """Word ids without <start>, <end> and <pad>."""
-    special = {word_map[word] for word in SPECIAL_WORDS}
-    return [w for w in caption if w not in special]
-
-
 def default_workers(cfg):
     return cfg["workers"] if cfg["workers"] is not None else min(4, os.cpu_count() or 1)
-
-
-def empty_history():
-    """The history of a run before its first epoch; each epoch appends to every metric it computed."""
-    return {"epoch": []}
 
 
 class WithImageIndex(torch.utils.data.Dataset):

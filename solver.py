@@ -20,12 +20,12 @@ from datasets import ImageCaptionsDataset, check_data_files, load_references, lo
 from features import ensure_feature_cache
 from grounding import caption_grounding
 from loaders import default_workers
+from metrics import coco_caption_metrics, course_bleu, format_metrics, results_table
 from models import build_encoder
 from run_start import word_map_mismatch
 from training import Trainer
+from utils import ToolkitError, atomic_path, check_writable_file, check_writable_folder, run_cli
 from vocabulary import strip_special
-from utils import (ToolkitError, atomic_path, check_writable_file, check_writable_folder, coco_caption_metrics,
-                   course_bleu, format_metrics, results_table, run_cli)
 
 
 def train(cfg):

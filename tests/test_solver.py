@@ -15,7 +15,8 @@ import solver
 import training_stages
 from models import build_decoder
 from conftest import tiny_cfg
-from datasets import ImageCaptionsDataset, load_word_map, normalize_images
+from datasets import ImageCaptionsDataset, load_word_map
+from images import normalize_images
 from models import Encoder
 from checkpoints import load_checkpoint
 from utils import ToolkitError

@@ -123,7 +123,7 @@ def test_training_reads_the_cache_only_with_a_frozen_encoder(data, tmp_path):
     assert frozen.val_loader.dataset.features_file.endswith("VAL_FEATURES_" + data.data_name + "_resnet18.hdf5")
     tuned = training.Trainer(config.validate_cfg(tiny_cfg(data, tmp_path / "b", fine_tune_encoder=True)))
     assert tuned.train_loader.dataset.features_file is None
-    assert tuned.encoder_optimizer is not None
+    assert tuned.optimizers.encoder is not None
 
 
 def test_cache_features_command_builds_both_splits(data, tmp_path, capsys):

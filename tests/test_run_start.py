@@ -14,7 +14,7 @@ WORD_MAP = {"<pad>": 0, "a": 1, "<unk>": 2, "<start>": 3, "<end>": 4}
 
 def make_cfg(tmp_path, **overrides):
     cfg = {"data_folder": str(tmp_path / "data"), "data_name": "tiny", "output_folder": str(tmp_path / "out"),
-           "encoder": "resnet18", "epochs": 5, "device": "cpu"}
+           "encoder": "resnet18", "decoder": "attention", "epochs": 5, "device": "cpu"}
     os.makedirs(cfg["output_folder"], exist_ok=True)
     return validate_cfg(dict(cfg, **overrides))
 

@@ -77,8 +77,8 @@ def unloadable_message(path, error):
     if course_classes:
         return (f"{path!r} looks like a checkpoint written by the course's train.py: it pickles whole models "
                 f"({', '.join(course_classes[:4])}), and loading it would run code from the file. Convert it "
-                f"once with `python solver.py import-course {path} --data-folder DIR --data-name NAME` (see the "
-                f"README, 'Checkpoints of the course's code')")
+                f"once with `python solver.py import-course {path} --data-folder DIR --data-name NAME` (see "
+                f"docs/course-checkpoints.md)")
     first_line = str(error).splitlines()[0] if str(error) else ""
     return (f"{path!r} is not a checkpoint of this toolkit or is damaged; it cannot be loaded safely "
             f"({type(error).__name__}: {first_line[:200]})")

@@ -1,7 +1,7 @@
 """The training cfg: its keys, defaults and checks, and the command-line options generated from them.
 
 `train(cfg)` takes the course's cfg dict (its keys keep their meaning) plus the toolkit's own; every key,
-its default, its types and its meaning live in CFG_SCHEMA, from which the README's table and the
+its default, its types and its meaning live in CFG_SCHEMA, from which docs/cfg.md's table and the
 `solver.py train` options are made, so the three cannot drift apart.
 """
 import argparse

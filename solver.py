@@ -190,7 +190,7 @@ OPTION_HELP = {
     "smooth": "blur the upsampled attention maps of the figures, as the course does",
     "out": "also write the result to this file (import-course: where to write the import; None: "
            "<name>.toolkit.pth.tar beside the course's checkpoint)",
-    "path": "the course's checkpoint (a pickled one, or the state_dicts the README's export lines write)",
+    "path": "the course's checkpoint (a pickled one, or the state_dicts the export lines of docs/course-checkpoints.md write)",
     "data_name": "base name of the data files, e.g. coco_5_cap_per_img_5_min_word_freq",
     "trust_pickle": "load a pickled course checkpoint (this runs code from the file: only for files you trust)",
     "encoded_image_size": "side of the encoder's output grid; None: the one the course's encoder used",

@@ -25,9 +25,8 @@ import time
 from collections import Counter
 
 # Before torch starts its OpenMP threads: waiting threads sleep instead of spinning. On a CPU shared with
-# other processes, spinning threads hold the cores the others need, and training runs many times slower. On an
-# idle machine it costs time (2026-12-02, idle 2-core Intel Xeon: the demo 385 s, 289 s with OMP_WAIT_POLICY= set
-# empty, which keeps OpenMP's default); the demo keeps it for the machines where the 10 minutes are tight.
+# other processes, spinning threads hold the cores the others need and training runs many times slower; on an
+# idle machine sleeping costs some speed (docs/demo.md has both run times). The demo keeps to the safe side.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import h5py  # noqa: E402
@@ -104,11 +103,9 @@ class Settings:
     seed: int = 0
 
 
-# Sized for 10 minutes on a 2-core CPU: 800/100/100 images and 4 + 2 epochs (2026-12-02: 385 s on an idle Intel
-# Xeon with these settings; 715-901 s with the blind control at 4 epochs while the host took 7-44 % of its time;
-# with 2000/200/200 images and 6 + 3 epochs a run was still in the 2nd of its 6 trainings after 7 minutes). The blind
-# control's validation loss falls for 5-6 epochs and is flat by 12 (1.384 at epoch 5, 1.357 at 12): after 4 it still
-# wrote a caption scoring half the best constant one.
+# Sized for 10 minutes on a 2-core CPU (run times in docs/demo.md). The blind control trains until its validation
+# loss stops falling: it has only the words to learn, and after 4 epochs it still wrote a caption scoring half the
+# best constant one.
 FULL = Settings(train_images=800, val_images=100, test_images=100, image_size=192, encoded_image_size=6,
                 dim=256, epochs=4, scst_epochs=2, blind_epochs=12, batch_size=160, coco_metrics=True,
                 preprocess_workers=None)

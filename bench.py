@@ -43,11 +43,13 @@ from beam_search import beam_search, beam_search_one
 from captioner import Captioner
 from create_input_files import create_input_files
 from data_files import base_name
-from datasets import ImageCaptionsDataset, normalize_images
+from datasets import ImageCaptionsDataset
 from encoding import EncodingPlan, encode_images, encoding_plan
 from config import validate_cfg
 import features
-from models import BACKBONES, Encoder
+from backbones import BACKBONES
+from images import normalize_images
+from models import Encoder
 from shapes import IMAGE_FOLDER, JPEG_QUALITY, make_shapes_dataset
 from training import Trainer
 from utils import atomic_path, run_cli

@@ -19,10 +19,10 @@ from checkpoints import load_checkpoint
 from config import pick_device, upgrade_cfg
 from encoding import encode_images, encoding_plan
 from figures import visualize_att
-from models import build_decoder
-from training import build_encoder, strip_special
+from models import build_decoder, build_encoder
 from images import load_image_tensor as read_image  # the loader preprocessing uses
 from utils import ToolkitError
+from vocabulary import strip_special
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

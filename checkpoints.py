@@ -19,6 +19,11 @@ RESUME_KEYS = ("cfg", "word_map", "encoder_state", "decoder_state", "decoder_opt
                "epochs_since_improvement", "history")
 
 
+def empty_history():
+    """The history of a run before its first epoch; each epoch appends to every metric it computed."""
+    return {"epoch": []}
+
+
 def save_checkpoint(state, path):
     """Write a checkpoint dict (state_dicts and plain data only) atomically.
 

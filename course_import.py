@@ -26,10 +26,9 @@ from torch import nn
 
 from data_files import data_paths
 from datasets import load_word_map
-from checkpoints import CHECKPOINT_FORMAT, save_checkpoint
+from checkpoints import CHECKPOINT_FORMAT, empty_history, save_checkpoint
 from config import default_cfg, validate_cfg
-from models import build_decoder
-from training import build_encoder, empty_history
+from models import build_decoder, build_encoder
 from utils import ToolkitError
 
 COURSE_BACKBONE = "resnet101"

@@ -8,21 +8,11 @@ import typing
 import h5py
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
 from data_files import SPLITS, check_split, creation_command, data_paths, wordmap_path
+from images import normalize_images
 from utils import ToolkitError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NOT_WORDS = ("<start>", "<end>", "<pad>")  # dropped when a caption is decoded back to tokens
-WORD_MAP_TOKENS = ("<start>", "<end>", "<unk>", "<pad>")  # every word map must hold these
-
-
-def normalize_images(images):
-    """uint8 images (..., 3, H, W) -> float32 scaled to [0, 1] and normalised with ImageNet's mean and std,
-    on the images' device."""
-    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+from vocabulary import SPECIAL_WORDS, WORD_MAP_TOKENS
 
 
 # ---------------------------------------------------------------- files
@@ -111,7 +101,7 @@ def load_references(data_folder, data_name, split, word_map):
                           fallback=False, objects=[entry.get("objects") for entry in entries])
     captions_per_image, _ = read_images_header(paths["images"], data_folder, data_name)
     words = {index: word for word, index in word_map.items()}
-    captions = [[words[index] for index in caption if words[index] not in NOT_WORDS]
+    captions = [[words[index] for index in caption if words[index] not in SPECIAL_WORDS]
                 for caption in read_json(paths["captions"], data_folder, data_name)]
     references = [captions[start:start + captions_per_image] for start in range(0, len(captions), captions_per_image)]
     return References(list(range(len(references))), references, fallback=True, objects=[None] * len(references))

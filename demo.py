@@ -39,7 +39,8 @@ from data_files import SPLITS, data_paths, wordmap_path  # noqa: E402
 from figures import plot_history  # noqa: E402
 from shapes import make_shapes_dataset  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
-from utils import ToolkitError, atomic_path, markdown_table, results_table, run_cli  # noqa: E402
+from metrics import results_table  # noqa: E402
+from utils import ToolkitError, atomic_path, markdown_table, run_cli  # noqa: E402
 
 DATA_FOLDER = "shapes_data"
 CHECKPOINT_FOLDER = "checkpoints"

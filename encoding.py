@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from datasets import normalize_images
+from images import normalize_images
 
 CHUNK_SIZES = (1, 4, 16, 64, 256)  # the chunk sizes a probe tries below its limit, smallest first
 LAYOUTS = (torch.contiguous_format, torch.channels_last)

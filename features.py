@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from data_files import data_paths, feature_cache_path, new_hdf5_file
 from datasets import ImageCaptionsDataset, opened_images_file
+from distributed import contiguous_slice
 from encoding import cache_plan, encode_images, set_memory_format
 from utils import ToolkitError, atomic_path, check_free_space, format_bytes, remove_stale_temp_files
 
@@ -75,6 +76,40 @@ def feature_shape(encoder, image_size, device):
         probe = torch.zeros(1, 3, image_size, image_size, device=device)
         grid = encoder(probe)  # (1, G, G, C)
     return grid.shape[1] * grid.shape[2], grid.shape[3]
+
+
+def prepare_feature_caches(encoder, cfg, ranks, workers, splits=("TRAIN", "VAL")):
+    """{split: path} of a valid feature cache of each split for the frozen `encoder`, built first where needed:
+    by this process alone, or by all the ranks of a multi-process run together."""
+    encoder.eval()
+    if not ranks.distributed:
+        return {split: ensure_feature_cache(encoder, cfg["data_folder"], cfg["data_name"], split, cfg["cache_folder"],
+                                            batch_size=max(1, cfg["batch_size"]), workers=workers,
+                                            device=ranks.device)
+                for split in splits}
+    return {split: shared_feature_cache(encoder, cfg, ranks, split, workers) for split in splits}
+
+
+def shared_feature_cache(encoder, cfg, ranks, split, workers):
+    """The feature cache of a split built by all ranks together: each encodes a contiguous slice into a part
+    file of its own, then rank 0 joins them into the cache atomically while the others wait; no rank reads it
+    before it is complete."""
+    data_folder, data_name = cfg["data_folder"], cfg["data_name"]
+    path = feature_cache_path(cfg["cache_folder"] or data_folder, data_name, split, encoder.backbone_name)
+    fingerprint = encoder_fingerprint(encoder, data_paths(data_folder, data_name, split)["images"], data_folder,
+                                      data_name)
+    if ranks.from_main(lambda: cache_problem(path, fingerprint) is None):
+        return path
+    parts = [f"{path}.part{rank}of{ranks.world_size}" for rank in range(ranks.world_size)]
+    start, end = contiguous_slice(len(ImageCaptionsDataset(data_folder, data_name, split)), ranks.rank,
+                                  ranks.world_size)
+    build_feature_cache(encoder, data_folder, data_name, split, parts[ranks.rank], fingerprint,
+                        max(1, cfg["batch_size"]), workers, ranks.device, indices=range(start, end))
+    ranks.barrier()
+    if ranks.is_main:
+        join_feature_parts(parts, path, fingerprint, encoder.backbone_name)
+    ranks.barrier()
+    return path
 
 
 def ensure_feature_cache(encoder, data_folder, data_name, split, cache_folder=None, batch_size=32,

@@ -15,7 +15,8 @@ from PIL import Image
 
 from run_log import METRICS_SUFFIX, aligned_columns, read_metrics_csv
 from checkpoints import load_checkpoint
-from utils import SPECIAL_WORDS, ToolkitError, atomic_path, to_numpy
+from utils import ToolkitError, atomic_path, to_numpy
+from vocabulary import SPECIAL_WORDS
 
 PIXELS_PER_CELL = 24  # the course's 14 x 24 = 336 pixel image for a 14 x 14 attention grid
 PANELS_PER_ROW = 5

@@ -24,9 +24,10 @@ that are no size, colour or shape word of any object in the split and no special
 """
 import numpy as np
 
-from utils import SPECIAL_WORDS, ToolkitError, to_numpy
+from utils import ToolkitError, to_numpy
+from vocabulary import SPECIAL_WORDS
 
-NOT_WORDS = SPECIAL_WORDS | {"<unk>"}
+NOT_WORDS = (*SPECIAL_WORDS, "<unk>")
 SIZE_WORD = 0  # position in an object's words; the words after it (colour, shape) name the object
 
 

@@ -2,11 +2,12 @@
 
     pixels = load_image("photo.jpg", 256)         # uint8 numpy array (3, 256, 256)
     tensor = load_image_tensor("photo.jpg", 256)  # the same pixels as a torch uint8 tensor
+    inputs = normalize_images(tensor)             # float32, normalised as the encoders expect (IMAGENET_MEAN/STD)
 
 The picture is turned upright by its EXIF orientation, converted to RGB from any Pillow mode (16- and
 32-bit grey scaled to 8 bits, not clipped) and squashed to a square with bilinear resampling, as the
-course's scipy.misc.imresize did. torch is imported only by load_image_tensor, so preprocessing
-workers start without it.
+course's scipy.misc.imresize did. torch is imported only by load_image_tensor and normalize_images, so
+preprocessing workers start without it.
 """
 import numpy as np
 from PIL import Image, ImageOps
@@ -14,6 +15,8 @@ from PIL import Image, ImageOps
 from utils import ToolkitError
 
 RESAMPLE = Image.Resampling.BILINEAR  # the course's scipy.misc.imresize default ('bilinear', via PIL)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class BadImageError(ToolkitError):
@@ -62,3 +65,12 @@ def load_image_tensor(source, size):
     import torch
 
     return torch.from_numpy(load_image(source, size))
+
+
+def normalize_images(images):
+    """uint8 images (..., 3, H, W) -> float32 scaled to [0, 1] and normalised with ImageNet's mean and std,
+    on the images' device."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)

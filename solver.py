@@ -3,7 +3,7 @@
 From Python: `train(cfg)`, `test(checkpoint)`, `caption(checkpoint, images)`, `compare(checkpoints)`; to caption
 many pictures with one load, captioner.Captioner.
 From the shell: `python solver.py {train,test,caption,compare,cache-features,import-course} --help`.
-The training loop is training.py, its steps training_steps.py, the cfg keys config.py.
+The training loop is training.py, its stages training_stages.py, the cfg keys config.py.
 """
 import argparse
 import inspect
@@ -19,9 +19,13 @@ from config import add_cfg_options, upgrade_cfg, validate_cfg, with_env_override
 from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map
 from features import ensure_feature_cache
 from grounding import caption_grounding
-from training import Trainer, build_encoder, default_workers, strip_special, word_map_mismatch
-from utils import (ToolkitError, atomic_path, check_writable_file, check_writable_folder, coco_caption_metrics,
-                   course_bleu, format_metrics, results_table, run_cli)
+from loaders import default_workers
+from metrics import coco_caption_metrics, course_bleu, format_metrics, results_table
+from models import build_encoder
+from run_start import word_map_mismatch
+from training import Trainer
+from utils import ToolkitError, atomic_path, check_writable_file, check_writable_folder, run_cli
+from vocabulary import strip_special
 
 
 def train(cfg):

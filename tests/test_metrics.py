@@ -1,5 +1,5 @@
 """Caption metrics: the course's nltk BLEU and coco-caption's metrics, checked against independent values."""
-import utils as metrics
+import metrics
 
 import math
 import random

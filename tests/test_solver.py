@@ -12,10 +12,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import config
 import solver
-import training_steps
+import training_stages
 from models import build_decoder
 from conftest import tiny_cfg
-from datasets import ImageCaptionsDataset, load_word_map, normalize_images
+from datasets import ImageCaptionsDataset, load_word_map
+from images import normalize_images
 from models import Encoder
 from checkpoints import load_checkpoint
 from utils import ToolkitError
@@ -134,7 +135,7 @@ def test_each_decoder_overfits_a_handful_of_images(tiny_shapes, decoder):
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     for _ in range(200):
         scores, sorted_captions, decode_lengths, alphas, _ = model(encoder_out, captions[:, 0], lengths[:, 0])
-        loss, _, _ = training_steps.caption_loss(scores, sorted_captions[:, 1:], decode_lengths, alphas, 0.0, False)
+        loss, _, _ = training_stages.caption_loss(scores, sorted_captions[:, 1:], decode_lengths, alphas, 0.0, False)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -156,7 +157,7 @@ def test_grouped_batch_gives_the_per_caption_loss(tiny_shapes):
 
     def loss_of(*inputs):
         scores, sorted_captions, decode_lengths, alphas, _ = decoder(*inputs)
-        return training_steps.caption_loss(scores, sorted_captions[:, 1:], decode_lengths, alphas, 1.0, True)[0]
+        return training_stages.caption_loss(scores, sorted_captions[:, 1:], decode_lengths, alphas, 1.0, True)[0]
 
     grouped = loss_of(encoder_out, flat_captions, flat_lengths, image_of_caption)
     per_caption = loss_of(encoder_out[image_of_caption], flat_captions, flat_lengths)
@@ -166,7 +167,7 @@ def test_grouped_batch_gives_the_per_caption_loss(tiny_shapes):
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shapes, tmp_path, monkeypatch):
     first = train_tiny(tiny_shapes, tmp_path, epochs=1)
     before = open(first["last_checkpoint"], "rb").read()
-    real_loss = training_steps.caption_loss
+    real_loss = training_stages.caption_loss
     calls = {"n": 0}
 
     def poisoned(*args):
@@ -174,7 +175,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shapes, tm
         loss, scores, targets = real_loss(*args)
         return (loss * float("nan") if calls["n"] == 2 else loss), scores, targets
 
-    monkeypatch.setattr(training_steps, "caption_loss", poisoned)
+    monkeypatch.setattr(training_stages, "caption_loss", poisoned)
     with pytest.raises(ToolkitError, match=r"at epoch 1, batch 1 became nan"):
         train_tiny(tiny_shapes, tmp_path, epochs=2, checkpoint=first["last_checkpoint"])
     assert open(first["last_checkpoint"], "rb").read() == before

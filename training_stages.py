@@ -1,0 +1,159 @@
+"""The training stages: what one batch contributes to the loss, behind one seam of the training loop.
+
+A stage's `loss(batch)` takes a `Batch` of tensors on the training device and returns the loss to minimise and
+the statistics to show, {name: (value, count)}; it knows nothing of the loop around it (optimisers, epochs,
+validation, checkpoints, logs: training.py). `make_stage(cfg, ...)` builds the stage cfg['training'] names.
+
+- CrossEntropyStage ("xe"): the course's teacher forcing, cross-entropy over the real positions plus the
+  doubly stochastic attention regularisation for decoders that declare it.
+- SelfCriticalStage ("scst"): self-critical sequence training (Rennie et al., CVPR 2017): sample captions,
+  reward each with its CIDEr-D against the image's references (document frequencies of the TRAIN split),
+  and follow the policy gradient against a baseline (the mean of the image's other samples, Luo's "new
+  self-critical", or the reward of the greedy caption, the original).
+"""
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from cider import CiderD
+from datasets import load_references
+from sampling import greedy_baseline, greedy_captions, mean_baseline, sample_captions, scst_loss
+
+
+@dataclasses.dataclass
+class Batch:
+    """One batch as a stage sees it."""
+    encoder_out: torch.Tensor  # (B, P, C) encodings, on the training device
+    captions: torch.Tensor  # (B, cpi, L) all the captions of each image, or (B, L) one each; on the device
+    lengths: torch.Tensor  # (B, cpi) or (B, 1) lengths of the captions; on the device
+    image_index: torch.Tensor | None = None  # (B,) each image's index in its split, on the CPU (SCST's references)
+
+
+def caption_loss(scores, targets, decode_lengths, alphas, alpha_c, regularize_attention):
+    """Cross-entropy over the real (unpadded) positions plus doubly stochastic attention regularisation.
+
+    Returns the loss and the packed scores (K, V) and targets (K,) of the real positions.
+    """
+    scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data
+    targets = pack_padded_sequence(targets, decode_lengths, batch_first=True).data
+    loss = F.cross_entropy(scores, targets)
+    if regularize_attention and alpha_c:
+        loss = loss + alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()
+    return loss, scores, targets
+
+
+def top5_accuracy(scores, targets):
+    """Percentage of positions whose target is among the 5 highest scores (a 0-d tensor)."""
+    k = min(5, scores.size(1))
+    correct = scores.topk(k, dim=1).indices.eq(targets.unsqueeze(1)).any(dim=1)
+    return correct.float().mean() * 100.0
+
+
+def flatten_captions(captions, lengths):
+    """Grouped captions (B, cpi, L) -> (B * cpi, L) with the image index of each; per-caption ones as they are."""
+    if captions.dim() == 3:
+        per_image = captions.size(1)
+        caption_image = torch.arange(captions.size(0), device=captions.device).repeat_interleave(per_image)
+        return captions.reshape(-1, captions.size(2)), lengths.reshape(-1), caption_image
+    return captions, lengths, None
+
+
+class TeacherForced:
+    """The teacher-forced pass of a batch: what both the cross-entropy stage and validation need."""
+
+    def __init__(self, decoder, batch, alpha_c, regularize_attention):
+        captions, lengths, self.caption_image = flatten_captions(batch.captions, batch.lengths)
+        scores, captions_sorted, self.decode_lengths, alphas, self.sort_ind = decoder(
+            batch.encoder_out, captions, lengths, self.caption_image)
+        self.loss, self.packed_scores, self.targets = caption_loss(
+            scores.float(), captions_sorted[:, 1:], self.decode_lengths, alphas, alpha_c, regularize_attention)
+        self.scores = scores  # (N, T, V), sorted by decreasing length
+
+    def image_of_caption(self):
+        """(N,) the image index (in the batch) of each sorted caption."""
+        return self.caption_image[self.sort_ind] if self.caption_image is not None else self.sort_ind
+
+
+class CrossEntropyStage:
+    """The course's training step: teacher forcing and cross-entropy."""
+
+    name = "xe"
+    needs_image_index = False
+    decodes_unwrapped = False  # goes through the decoder's forward (DDP's wrapper all-reduces its gradients)
+    checks_divergence = True  # a loss far above its first value means training diverged
+
+    def __init__(self, decoder, alpha_c, regularize_attention):
+        self.decoder, self.alpha_c, self.regularize_attention = decoder, alpha_c, regularize_attention
+
+    def teacher_forced(self, batch):
+        return TeacherForced(self.decoder, batch, self.alpha_c, self.regularize_attention)
+
+    def loss(self, batch):
+        """(loss to minimise, {statistic: (value, count)}) of one training batch."""
+        forced = self.teacher_forced(batch)
+        count = forced.targets.numel()
+        return forced.loss, {"loss": (forced.loss.detach(), count),
+                             "top5": (top5_accuracy(forced.packed_scores.detach(), forced.targets), count)}
+
+
+def encoded_references(data_folder, data_name, split, word_map):
+    """Per image of a split, in HDF5 order, its reference sentences as word ids (unknown words: <unk>)."""
+    unknown = word_map["<unk>"]
+    references = load_references(data_folder, data_name, split, word_map).references
+    return [[[word_map.get(token, unknown) for token in sentence] for sentence in image] for image in references]
+
+
+class SelfCriticalStage:
+    """The SCST step: sampled captions, their CIDEr-D rewards, and the policy gradient against a baseline."""
+
+    name = "scst"
+    needs_image_index = True  # the loader gives each image's TRAIN index: its references in the reward
+    decodes_unwrapped = True  # samples through the plain decoder: under DDP its gradients are all-reduced by hand
+    checks_divergence = False  # the policy-gradient loss has no scale to compare with
+
+    def __init__(self, decoder, reward, start, end, samples_per_image, baseline, max_steps):
+        self.decoder, self.reward = decoder, reward  # the decoder itself (start/one_step), a CiderD
+        self.start, self.end = start, end
+        self.samples_per_image, self.baseline, self.max_steps = samples_per_image, baseline, max_steps
+
+    def loss(self, batch):
+        """(minus the advantage-weighted log-probability of the sampled words, {statistic: (value, count)})."""
+        samples = sample_captions(self.decoder, batch.encoder_out, self.samples_per_image, self.start, self.end,
+                                  self.max_steps)
+        sampled_images = batch.image_index.repeat_interleave(self.samples_per_image)  # (B * n,)
+        rewards = self.reward.scores(samples.captions(self.end), sampled_images).reshape(-1, self.samples_per_image)
+        rewards = torch.as_tensor(rewards, dtype=torch.float32, device=batch.encoder_out.device)  # (B, n)
+        baselines = self.baselines(batch, rewards)
+        loss = scst_loss(samples.log_probs.float(), samples.mask, rewards, baselines)
+        count = rewards.numel()
+        return loss, {"loss": (loss.detach(), count), "reward": (rewards.mean(), count),
+                      "baseline": (baselines.mean(), count)}
+
+    def baselines(self, batch, rewards):
+        """(B, n) baselines: the mean of the other samples' rewards, or the greedy caption's reward (decoded in
+        eval mode, as at test time)."""
+        if self.baseline == "mean":
+            return mean_baseline(rewards)
+        self.decoder.eval()
+        try:
+            greedy = greedy_captions(self.decoder, batch.encoder_out.detach(), self.start, self.end, self.max_steps)
+        finally:
+            self.decoder.train()
+        greedy_rewards = self.reward.scores(greedy.captions(self.end), batch.image_index)
+        return greedy_baseline(torch.as_tensor(greedy_rewards, dtype=torch.float32, device=rewards.device),
+                               rewards.size(1))
+
+
+STAGES = {"xe": CrossEntropyStage, "scst": SelfCriticalStage}
+
+
+def make_stage(cfg, decoder, decoder_module, word_map):
+    """The stage cfg['training'] names. `decoder`: what the teacher-forced pass calls (DDP's wrapper in a
+    multi-process run); `decoder_module`: the decoder itself."""
+    if cfg["training"] == "xe":
+        return CrossEntropyStage(decoder, cfg["alpha_c"], decoder_module.attention_regularization)
+    corpus = encoded_references(cfg["data_folder"], cfg["data_name"], "TRAIN", word_map)
+    return SelfCriticalStage(decoder_module, CiderD(corpus, vocab_size=len(word_map)), word_map["<start>"],
+                             word_map["<end>"], cfg["scst_samples"], cfg["scst_baseline"], cfg["max_steps"])

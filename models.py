@@ -617,6 +617,15 @@ def build_encoder(cfg, weights):
     return Encoder(cfg["encoded_image_size"], backbone=cfg["encoder"], weights=weights)
 
 
+def uninitialised(build, device="cpu"):
+    """The model `build()` makes, its tensors allocated on `device` but not initialised (ResNet-101's random
+    initialisation takes seconds): for a model that load_state_dict(strict=True) then fills entirely (every
+    model here: none has non-persistent buffers)."""
+    with torch.device("meta"):
+        model = build()
+    return model.to_empty(device=device)
+
+
 def build_decoder(cfg, vocab_size, encoder_dim):
     """The decoder that cfg['decoder'] names, sized for the vocabulary and the encoder's channels."""
     return DECODERS[cfg["decoder"]].from_cfg(cfg, vocab_size, encoder_dim)

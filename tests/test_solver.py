@@ -7,8 +7,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import config
 import solver

@@ -5,7 +5,7 @@
         print(result["path"], result["caption"])
 
 Images are file paths (a folder stands for the image files in it), PIL images or uint8 tensors (3, H, W);
-they are batched through the encoder (at the speed of the device, see encoding.py) and the batched beam
+they are batched through the encoder (with the device's plan, see encoding.py) and the batched beam
 search. An image that cannot be read is reported and gets caption None; the others are captioned.
 """
 import os
@@ -17,9 +17,9 @@ from PIL import Image
 from beam_search import beam_search
 from checkpoints import load_checkpoint
 from config import pick_device, upgrade_cfg
-from encoding import encode_images, encoding_plan
+from encoding import encode_images, inference_plan
 from figures import visualize_att
-from models import build_decoder, build_encoder
+from models import build_decoder, build_encoder, uninitialised
 from images import load_image_tensor as read_image  # the loader preprocessing uses
 from utils import ToolkitError
 from vocabulary import strip_special
@@ -28,13 +28,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 
 def load_models(checkpoint, device):
-    """Encoder and decoder of a checkpoint dict, in eval mode on `device`."""
+    """Encoder and decoder of a checkpoint dict, in eval mode on `device` (built without a random initialisation
+    that the checkpoint's weights would overwrite)."""
     cfg = checkpoint["cfg"]
-    encoder = build_encoder(cfg, weights=None)
+    encoder = uninitialised(lambda: build_encoder(cfg, weights=None), device)
     encoder.load_state_dict(checkpoint["encoder_state"])
-    decoder = build_decoder(cfg, len(checkpoint["word_map"]), encoder.encoder_dim)
+    decoder = uninitialised(lambda: build_decoder(cfg, len(checkpoint["word_map"]), encoder.encoder_dim), device)
     decoder.load_state_dict(checkpoint["decoder_state"])
-    return encoder.to(device).eval(), decoder.to(device).eval()
+    return encoder.eval(), decoder.eval()
 
 
 def load_for_inference(checkpoint_path, device=None):
@@ -115,10 +116,9 @@ class Captioner:
         return cls(encoder, decoder, checkpoint["word_map"], checkpoint["image_size"], checkpoint["cfg"])
 
     def encode(self, images, largest_batch=50):
-        """uint8 images (B, 3, S, S) -> encodings (B, G, G, C) on the model's device, in the layout and chunk size
-        measured fastest for passes of up to largest_batch images."""
-        plan = encoding_plan(self.encoder, self.image_size, largest_batch)
-        return encode_images(self.encoder, images.to(self.device), plan)
+        """uint8 images (B, 3, S, S) -> encodings (B, G, G, C) on the model's device, with the device's plan for
+        passes of up to largest_batch images."""
+        return encode_images(self.encoder, images.to(self.device), inference_plan(self.device, largest_batch))
 
     def decode(self, encoder_out, beam_size=3, max_steps=50):
         """Encodings (B, G, G, C) -> list of B beam_search Captions."""

@@ -28,7 +28,7 @@ from data_files import data_paths
 from datasets import load_word_map
 from checkpoints import CHECKPOINT_FORMAT, empty_history, save_checkpoint
 from config import default_cfg, validate_cfg
-from models import build_decoder, build_encoder
+from models import build_decoder, build_encoder, uninitialised
 from utils import ToolkitError
 
 COURSE_BACKBONE = "resnet101"
@@ -297,14 +297,6 @@ def check_rnn_start(state, encoder_dim, grid, path):
 
 
 # ---------------------------------------------------------------- the toolkit's checkpoint
-
-def uninitialised(build):
-    """The model `build()` makes, its tensors allocated but not initialised (ResNet-101's random init takes
-    seconds): for a model that load_state_dict(strict=True) fills entirely (no non-persistent buffers)."""
-    with torch.device("meta"):
-        model = build()
-    return model.to_empty(device="cpu")
-
 
 def image_size_of(data_folder, data_name):
     """Side of the images in the data folder's first IMAGES file (TEST, VAL, TRAIN); 256 without any."""

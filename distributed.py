@@ -132,10 +132,12 @@ class Ranks:
 
     def loss_weight(self, count):
         """The factor of a rank's mean loss over `count` items so that DDP's average of the ranks' gradients
-        is the gradient of the mean over all ranks' items (as one process with the whole global batch)."""
+        is the gradient of the mean over all ranks' items (as one process with the whole global batch). A 0-d
+        tensor on the device, never read by the host: the step does not wait for the all-reduce."""
         if not self.distributed:
             return 1.0
-        (total,) = self.sum(count)
+        total = torch.tensor(float(count), device=self.device)
+        dist.all_reduce(total)
         return count * self.world_size / total
 
     def average_gradients(self, module):

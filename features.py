@@ -9,6 +9,7 @@ an encoder whose features are non-finite or all zero is refused while the cache 
 """
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from data_files import data_paths, feature_cache_path, new_hdf5_file
 from datasets import ImageCaptionsDataset, opened_images_file
 from distributed import contiguous_slice
-from encoding import cache_plan, encode_images, set_memory_format
+from encoding import encode_images, inference_plan
 from utils import ToolkitError, atomic_path, check_free_space, format_bytes, remove_stale_temp_files
 
 CACHE_FORMAT = "features/1"
@@ -153,20 +154,42 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
     with atomic_path(path, needed_bytes=needed) as tmp, new_hdf5_file(tmp) as h5:
         features = h5.create_dataset("features", (len(dataset), positions, channels), dtype="float16",
                                      chunks=(1, positions, channels))
-        start = 0
-        plan = cache_plan(device, batch_size)
-        set_memory_format(encoder, plan.memory_format)
-        with torch.inference_mode():
-            for images, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
-                grid = encode_images(encoder, images.to(device), plan)  # (B, G, G, C)
-                batch = grid.reshape(grid.size(0), positions, channels).half().cpu().numpy()
-                check_encoded(batch, start, encoder.backbone_name, split)
-                features[start:start + len(batch)] = batch
-                start += len(batch)
+        write_features(encoder, loader, inference_plan(device, batch_size), features, split)
         h5.attrs["fingerprint"] = fingerprint
         h5.attrs["backbone"] = encoder.backbone_name
     encoder.train(was_training)
     return path
+
+
+def write_features(encoder, loader, plan, features, split):
+    """Encode the loader's images into the HDF5 dataset `features` (N, P, C), in order. The next batch is read and
+    encoded while a writer thread checks and writes the previous one: the device never waits for the disk."""
+    device, backbone = next(encoder.parameters()).device, encoder.backbone_name
+    start, pending = 0, None
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for images, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
+            grid = encode_images(encoder, images.to(device, non_blocking=True), plan)  # (B, G, G, C)
+            grid = grid.reshape(grid.size(0), -1, grid.size(-1)).half()  # (B, P, C)
+            host = torch.empty(grid.shape, dtype=grid.dtype, pin_memory=device.type == "cuda")
+            host.copy_(grid, non_blocking=True)
+            copied = torch.cuda.Event() if device.type == "cuda" else None
+            if copied is not None:
+                copied.record()
+            if pending is not None:
+                pending.result()  # the previous batch is written (or its error raised here)
+            pending = writer.submit(write_rows, features, host, copied, start, backbone, split)
+            start += len(host)
+        if pending is not None:
+            pending.result()
+
+
+def write_rows(features, host, copied, start, backbone, split):
+    """Write one batch of encoded rows (B, P, C) once its copy to the host is complete."""
+    if copied is not None:
+        copied.synchronize()
+    batch = host.numpy()
+    check_encoded(batch, start, backbone, split)
+    features[start:start + len(batch)] = batch
 
 
 def check_encoded(batch, start, backbone, split):

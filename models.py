@@ -21,6 +21,7 @@ one image), or, for the decoders whose `handles_layout` is True, any number per 
 a RowLayout passed as one_step's `layout` (batched beam search, where images keep different numbers
 of beams).
 """
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -124,16 +125,27 @@ class CaptionDecoder(nn.Module):
         """(B, P, C) encodings -> (memory, state) tuples for the first decoding step."""
         raise NotImplementedError
 
-    def one_step(self, embeddings, memory, state, layout=None):
-        """One decoding step: (N, E) embeddings -> (N, V) scores, new state, attention or None.
-        `layout` (a RowLayout) says which memory row each state row reads when that is not k consecutive rows."""
+    def step(self, embeddings, memory, state, layout=None):
+        """The recurrence of one decoding step: (N, E) embeddings -> (N, D) outputs that the output layer reads,
+        new state, attention or None. `layout` (a RowLayout) says which memory row each state row reads when
+        that is not k consecutive rows."""
         raise NotImplementedError
+
+    def scores(self, outputs):
+        """(..., D) step outputs -> (..., V) word scores: dropout, then the output layer."""
+        return self.fc(self.dropout(outputs))
+
+    def one_step(self, embeddings, memory, state, layout=None):
+        """One decoding step: (N, E) embeddings -> (N, V) scores, new state, attention or None."""
+        outputs, state, attention = self.step(embeddings, memory, state, layout)
+        return self.scores(outputs), state, attention
 
     def forward(self, encoder_out, encoded_captions, caption_lengths, caption_image=None):
         """Teacher forcing over a batch of captions, as in the course.
 
         encoder_out: (B, G, G, C) or (B, P, C) encoded images.
-        encoded_captions: (N, L) word ids, caption_lengths: (N, 1) or (N,).
+        encoded_captions: (N, L) word ids; caption_lengths: (N, 1) or (N,), best on the CPU (the decode
+            lengths are read from it).
         caption_image: (N,) index of each caption's image in encoder_out; None means caption i
             belongs to image i (the course's one caption per image). Several captions of one image
             share its encoding: it is expanded to them, never recomputed.
@@ -142,6 +154,7 @@ class CaptionDecoder(nn.Module):
         """
         encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
         caption_lengths, sort_ind = caption_lengths.reshape(-1).sort(dim=0, descending=True)
+        sort_ind = sort_ind.to(encoded_captions.device)
         encoded_captions = encoded_captions[sort_ind]
         if caption_image is None:
             caption_image = torch.arange(encoder_out.size(0), device=encoder_out.device)
@@ -154,20 +167,30 @@ class CaptionDecoder(nn.Module):
         return predictions, encoded_captions, decode_lengths, alphas, sort_ind
 
     def decode_teacher_forced(self, embeddings, memory, state, decode_lengths):
-        """Step through time; at step t only the captions still running (sorted first) are decoded."""
-        batch_size, max_steps = embeddings.size(0), max(decode_lengths)
-        predictions = embeddings.new_zeros(batch_size, max_steps, self.vocab_size)
-        alphas = None
-        for t in range(max_steps):
-            running = sum(length > t for length in decode_lengths)
-            preds, state, alpha = self.one_step(embeddings[:running, t], select_rows(memory, slice(0, running)),
-                                                select_rows(state, slice(0, running)))
-            predictions[:running, t] = preds
-            if alpha is not None:
-                if alphas is None:
-                    alphas = embeddings.new_zeros(batch_size, max_steps, alpha.size(1))
-                alphas[:running, t] = alpha
-        return predictions, alphas
+        """The recurrence step by step over the captions still running (sorted first); then, once over every
+        real position, what no later step needs: dropout and the output layer, and the attention laid out."""
+        running = running_counts(decode_lengths)  # [captions still running at step t]
+        outputs, alphas = [], []
+        for t, rows in enumerate(running):
+            output, state, alpha = self.step(embeddings[:rows, t], select_rows(memory, slice(0, rows)),
+                                             select_rows(state, slice(0, rows)))
+            outputs.append(output)  # (rows, D)
+            alphas.append(alpha)  # (rows, P) or None
+        batch_sizes = torch.tensor(running)
+        scores = self.scores(torch.cat(outputs))  # (sum of lengths, V), time-major as a PackedSequence
+        predictions = pad_packed_sequence(PackedSequence(scores, batch_sizes), batch_first=True)[0]  # (N, T, V)
+        if alphas[0] is None:
+            return predictions, None
+        return predictions, pad_packed_sequence(PackedSequence(torch.cat(alphas), batch_sizes), batch_first=True)[0]
+
+
+def running_counts(decode_lengths):
+    """How many captions are still decoded at each step: [#lengths > t for t < max], for lengths > 0."""
+    ending = [0] * max(decode_lengths)  # ending[t]: captions whose last step is t
+    for length in decode_lengths:
+        if length:
+            ending[length - 1] += 1
+    return list(itertools.accumulate(reversed(ending)))[::-1]
 
 
 class DecoderWithRNN(CaptionDecoder):
@@ -200,10 +223,9 @@ class DecoderWithRNN(CaptionDecoder):
         h, c = self.decode_step(image_input)  # zero initial state
         return (), (h, c)
 
-    def one_step(self, embeddings, memory, state, layout=None):
+    def step(self, embeddings, memory, state, layout=None):
         h, c = self.decode_step(embeddings, state)
-        preds = self.fc(self.dropout(h))
-        return preds, (h, c), None
+        return h, (h, c), None
 
     def decode_teacher_forced(self, embeddings, memory, state, decode_lengths):
         if not self.fused_lstm:
@@ -215,7 +237,7 @@ class DecoderWithRNN(CaptionDecoder):
                       "bias_ih_l0": cell.bias_ih, "bias_hh_l0": cell.bias_hh}
         hidden, _ = functional_call(self._sequence_lstm, parameters, (packed, (h[None], c[None])))
         # Score only the real positions, then lay them out as (N, T, V) with zeros at the padding.
-        scores = self.fc(self.dropout(hidden.data))  # (sum of lengths, V)
+        scores = self.scores(hidden.data)  # (sum of lengths, V)
         predictions, _ = pad_packed_sequence(PackedSequence(scores, hidden.batch_sizes), batch_first=True)
         return predictions, None
 
@@ -335,14 +357,13 @@ class DecoderWithAttention(CaptionDecoder):
         memory = (encoder_out, self.attention.encoder_att(encoder_out))  # (B, P, C), (B, P, A)
         return memory, state
 
-    def one_step(self, embeddings, memory, state, layout=None):
+    def step(self, embeddings, memory, state, layout=None):
         encoder_out, projected_encoder = memory
         h, c = state
         weighted_encoding, alpha = self.attention.attend(projected_encoder, encoder_out, h, layout)
         gate = torch.sigmoid(self.f_beta(h))  # (N, C)
         h, c = self.decode_step(torch.cat([embeddings, gate * weighted_encoding], dim=1), (h, c))
-        preds = self.fc(self.dropout(h))
-        return preds, (h, c), alpha
+        return h, (h, c), alpha
 
 
 class DecoderWithAdaptiveAttention(CaptionDecoder):
@@ -377,7 +398,7 @@ class DecoderWithAdaptiveAttention(CaptionDecoder):
         zeros = global_feature.new_zeros(encoder_out.size(0), self.decoder_dim)
         return memory, (zeros, zeros)
 
-    def one_step(self, embeddings, memory, state, layout=None):
+    def step(self, embeddings, memory, state, layout=None):
         regions, projected_regions, global_feature = memory  # (B, P, D), (B, P, A), (B, D)
         h_prev, c_prev = state  # (N, D), several rows per image in beam search
         global_feature = rows_of_memory(global_feature, h_prev, layout)  # (N, D)
@@ -391,8 +412,7 @@ class DecoderWithAdaptiveAttention(CaptionDecoder):
         alpha_hat = F.softmax(torch.cat([region_scores, sentinel_score], dim=1), dim=1)  # (N, P + 1)
         # c^_t = beta s_t + (1 - beta) c_t = sum_i alpha_hat_i v_i + beta s_t
         context = pool_memory(alpha_hat[:, :-1], regions, layout) + alpha_hat[:, -1:] * sentinel  # (N, D)
-        preds = self.fc(self.dropout(context + h))
-        return preds, (h, c), alpha_hat
+        return context + h, (h, c), alpha_hat
 
 
 # ---------------------------------------------------------------- Transformer decoder
@@ -595,6 +615,15 @@ DECODERS = {
 def build_encoder(cfg, weights):
     """The Encoder that cfg's encoder and encoded_image_size describe, with `weights` (as Encoder's)."""
     return Encoder(cfg["encoded_image_size"], backbone=cfg["encoder"], weights=weights)
+
+
+def uninitialised(build, device="cpu"):
+    """The model `build()` makes, its tensors allocated on `device` but not initialised (ResNet-101's random
+    initialisation takes seconds): for a model that load_state_dict(strict=True) then fills entirely (every
+    model here: none has non-persistent buffers)."""
+    with torch.device("meta"):
+        model = build()
+    return model.to_empty(device=device)
 
 
 def build_decoder(cfg, vocab_size, encoder_dim):

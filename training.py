@@ -24,7 +24,6 @@ from checkpoints import checkpoint_bytes, empty_history, save_checkpoint
 from cider import CiderD
 from datasets import check_data_files, load_word_map
 from distributed import Ranks, unwrapped
-from encoding import training_layout
 from features import prepare_feature_caches
 from images import normalize_images
 from loaders import TrainingData, default_workers
@@ -48,12 +47,43 @@ class Average:
         self.sum, self.count = 0.0, 0
 
     def update(self, value, count=1):
-        self.sum += value * count
+        self.add(value * count, count)
+
+    def add(self, total, count):
+        """Add `count` items whose values sum to `total`."""
+        self.sum += total
         self.count += count
 
     @property
     def avg(self):
         return self.sum / max(self.count, 1)
+
+
+class StepSums:
+    """The statistics of the training steps since they were last read, summed where they were computed (on the
+    GPU, the device): reading them is the training loop's one host synchronisation, every print_freq steps
+    and at the end of each epoch."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+        self.first_loss = self.highest_loss = None  # 0-d tensors
+
+    def add(self, stats):
+        """Add one step's {name: (0-d tensor, count)}."""
+        for key, (value, count) in stats.items():
+            weighted = value.detach().double() * count
+            self.sums[key] = self.sums[key] + weighted if key in self.sums else weighted
+            self.counts[key] = self.counts.get(key, 0) + count
+        loss = stats["loss"][0].detach()
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.highest_loss = loss if self.highest_loss is None else torch.maximum(self.highest_loss, loss)
+
+    def read(self):
+        """({name: (sum, count)}, the highest loss, the first loss), read from the device at once."""
+        keys = list(self.sums)
+        values = torch.stack([self.sums[key] for key in keys]
+                             + [self.highest_loss.double(), self.first_loss.double()]).tolist()
+        return {key: (total, self.counts[key]) for key, total in zip(keys, values)}, values[-2], values[-1]
 
 
 class Trainer:
@@ -116,9 +146,6 @@ class Trainer:
         data = TrainingData(cfg, ranks, features, STAGES[cfg["training"]].needs_image_index, pin_memory=self.cuda)
         self.train_loader, self.val_loader, self.val_indices = data.train, data.val, data.val_indices
         self.image_size = data.image_size
-        if cfg["channels_last"] is None and not self.uses_cache and not cfg["deterministic"]:  # encoder in the loop
-            self.channels_last = training_layout(self.encoder, self.image_size,
-                                                 self.train_loader.batch_size) == torch.channels_last
         self.decoder = ranks.wrap(self.decoder)
         if cfg["fine_tune_encoder"]:
             self.encoder = ranks.wrap(self.encoder)
@@ -185,35 +212,43 @@ class Trainer:
         return grid.reshape(grid.size(0), -1, grid.size(-1)).float()
 
     def batch(self, loaded, image_index=None):
-        """A batch from the loader (inputs, captions, lengths, ...) as the stages take it."""
+        """A batch from the loader (inputs, captions, lengths, ...) as the stages take it; the lengths stay on the
+        CPU, where the decoders read them."""
         inputs, captions, lengths = loaded[:3]
-        return Batch(self.encode(inputs), captions.to(self.device), lengths.to(self.device), image_index)
+        return Batch(self.encode(inputs), captions.to(self.device, non_blocking=True), lengths, image_index)
 
-    def train_step(self, loaded, where="this batch"):
-        """The stage's loss of one batch, checked, then one optimiser step; returns its statistics."""
+    def train_step(self, loaded):
+        """The stage's loss of one batch and one optimiser step; returns the step's statistics, {name: (0-d
+        tensor, count)}, unread: nothing here waits for the device."""
         with self.autocast():
             loss, stats = self.stage.loss(self.batch(loaded, loaded[-1] if self.stage.needs_image_index else None))
-        stats = {key: (value.item(), count) for key, (value, count) in stats.items()}
-        if self.stage.checks_divergence:
-            self.check_divergence(stats["loss"][0])
-        check_finite(stats["loss"][0], f"the training loss at {where}", self.paths.last)
         after_backward = ((lambda: self.ranks.average_gradients(self.decoder_module))
                           if self.stage.decodes_unwrapped else None)
         self.optimizers.step(loss * self.ranks.loss_weight(stats["loss"][1]), self.state["step"], after_backward)
         self.state["step"] += 1
-        self.log.step(self.state["step"], {f"train/{key}": value for key, (value, _) in stats.items()})
         return stats
 
-    def check_divergence(self, loss):
-        """Stop when the cross-entropy explodes far above its first value (a finite divergence, e.g. a
-        learning rate far too high): such an epoch must never be saved, let alone marked best."""
+    def read_statistics(self, sums, averages, where):
+        """Read the steps' sums into the epoch's averages, after checking them: a non-finite or diverged loss
+        stops the run here, before any checkpoint of this epoch is written. Logs their means."""
+        totals, highest, first = sums.read()
+        if self.stage.checks_divergence:
+            self.check_divergence(highest, first)
+        check_finite(totals["loss"][0] + highest, f"the training loss at {where}", self.paths.last)
+        for key, (total, count) in totals.items():
+            averages.setdefault(key, Average()).add(total, count)
+        self.log.step(self.state["step"], {f"train/{key}": total / max(count, 1)
+                                           for key, (total, count) in totals.items()})
+
+    def check_divergence(self, highest, first):
+        """Stop when the cross-entropy explodes far above the first value of the run (a finite divergence, e.g.
+        a learning rate far too high): such an epoch must never be saved, let alone marked best."""
+        if self.state["reference_loss"] is None:
+            self.state["reference_loss"] = first
         reference = self.state["reference_loss"]
-        if reference is None:
-            self.state["reference_loss"] = loss
-            return
-        if loss > DIVERGENCE_FACTOR * reference and loss > reference + 5:
+        if highest > DIVERGENCE_FACTOR * reference and highest > reference + 5:
             raise ToolkitError(
-                f"training diverged: the loss is {loss:.4g}, more than {DIVERGENCE_FACTOR:g} times its first "
+                f"training diverged: the loss is {highest:.4g}, more than {DIVERGENCE_FACTOR:g} times its first "
                 f"value {reference:.4g}; stopped before saving this epoch (the last good checkpoint "
                 f"{self.paths.last!r}, if any, is untouched). Lower decoder_lr/encoder_lr (now "
                 f"{self.cfg['decoder_lr']:g}/{self.cfg['encoder_lr']:g}) or set grad_clip")
@@ -225,15 +260,17 @@ class Trainer:
         cfg = self.cfg
         self.decoder.train()
         self.encoder.train(cfg["fine_tune_encoder"])  # a frozen encoder keeps its BatchNorm statistics
-        averages = {}
+        averages, sums, first_batch = {}, StepSums(), 0
         self.train_loader.sampler.set_epoch(epoch)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch} train", unit="batch", disable=not self.ranks.is_main)
         for i, loaded in enumerate(bar):
-            stats = self.train_step(loaded, f"epoch {epoch}, batch {i}")
-            for key, (value, count) in stats.items():
-                averages.setdefault(key, Average()).update(value, count)
-            bar.set_postfix({key: f"{average.avg:.3f}" for key, average in averages.items()}, refresh=False)
-            if cfg["print_freq"] and (i + 1) % cfg["print_freq"] == 0:
+            sums.add(self.train_step(loaded))
+            printing = cfg["print_freq"] and (i + 1) % cfg["print_freq"] == 0
+            if printing or i + 1 == len(self.train_loader):
+                self.read_statistics(sums, averages, f"epoch {epoch}, batches {first_batch} to {i}")
+                sums, first_batch = StepSums(), i + 1
+                bar.set_postfix({key: f"{average.avg:.3f}" for key, average in averages.items()}, refresh=False)
+            if printing:
                 shown = "\t".join(f"{key} {average.avg:.4f}" for key, average in averages.items())
                 bar.write(f"Epoch: [{epoch}][{i + 1}/{len(self.train_loader)}]\t{shown}")
         return {key: average.avg for key, average in self.summed_over_ranks(averages).items()}
@@ -245,7 +282,7 @@ class Trainer:
         merged = {}
         for key, total, count in zip(keys, totals, totals[len(keys):]):
             merged[key] = Average()
-            merged[key].update(total / max(count, 1), count)
+            merged[key].add(total, count)
         return merged
 
     @torch.no_grad()

@@ -1,10 +1,15 @@
 """Counts of what a piece of code asks of the device, the same on every machine: the aten operations it
-dispatches (each a kernel launch on a GPU, in eager mode) and the host synchronisations (a value read back
-from a tensor the code computed: `.item()`, `float()`, `bool()`, `.tolist()`, `.numpy()`).
+dispatches (each a kernel launch on a GPU, in eager mode) and its host synchronisations (a value read back from
+a tensor on the device: `.item()`, `float()`, `bool()`, `.tolist()`, `.numpy()`).
 
-    with OpCounter() as counts:
-        trainer.train_step(batch)
+    with OpCounter(on_device=[*model.parameters(), *model.buffers(), batch_features]) as counts:
+        loss = step(batch)
     counts.operations, counts.synchronisations, counts.where_synchronised
+
+On a CPU every tensor is on the host, so the counter follows which tensors a GPU run would keep on the device:
+those given as `on_device` (the model's weights, the batch moved to the device) and every result of an
+operation that reads one of them. Tensors made from host values alone (the loader's lengths, a list turned
+into a tensor) stay on the host, as they would on a GPU.
 """
 import collections
 import os
@@ -20,15 +25,15 @@ READS_BACK = ("tolist", "numpy", "__array__")  # Tensor methods that read values
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten operations and host synchronisations inside its `with` block. A `.tolist()` or `.numpy()`
-    counts as a synchronisation when its tensor was computed inside the block (on a GPU it would live on the
-    device); tensors made before the block, such as the loader's lengths, are the host's own."""
+    """Counts aten operations and host synchronisations inside its `with` block."""
 
-    def __init__(self):
+    def __init__(self, on_device=()):
         super().__init__()
         self.by_operation = collections.Counter()
         self.where_synchronised = []  # a short stack for each synchronisation
-        self._computed = {}  # id -> weak reference of each tensor computed inside the block
+        self._on_device = {}  # id -> weak reference of each tensor that a GPU run keeps on the device
+        for tensor in on_device:
+            self._mark(tensor)
         self._saved_methods = {}
 
     @property
@@ -39,16 +44,25 @@ class OpCounter(TorchDispatchMode):
     def synchronisations(self):
         return len(self.where_synchronised)
 
+    def _mark(self, tensor):
+        self._on_device[id(tensor)] = weakref.ref(tensor)
+
+    def is_on_device(self, tensor):
+        ref = self._on_device.get(id(tensor))
+        return ref is not None and ref() is tensor
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.by_operation[str(func.overloadpacket.__name__)] += 1
-        if func is SCALAR_READ:
+        self.by_operation[func.overloadpacket.__name__] += 1
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        reads_device = any(self.is_on_device(t) for t in inputs)
+        if func is SCALAR_READ and reads_device:
             self._note_synchronisation()
         result = func(*args, **kwargs)
-        inputs = {id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for tensor in tree_flatten(result)[0]:
-            if isinstance(tensor, torch.Tensor) and id(tensor) not in inputs:
-                self._computed[id(tensor)] = weakref.ref(tensor)
+        if reads_device:
+            for tensor in tree_flatten(result)[0]:
+                if isinstance(tensor, torch.Tensor):
+                    self._mark(tensor)
         return result
 
     def _note_synchronisation(self):
@@ -72,8 +86,18 @@ class OpCounter(TorchDispatchMode):
         counter = self
 
         def read_back(tensor, *args, **kwargs):
-            computed = counter._computed.get(id(tensor))
-            if computed is not None and computed() is tensor:
+            if counter.is_on_device(tensor):
                 counter._note_synchronisation()
             return method(tensor, *args, **kwargs)
         return read_back
+
+
+def trainer_tensors(trainer, loaded):
+    """What a GPU run of `trainer` keeps on the device: its models' weights and buffers, its optimisers' state,
+    and the inputs and captions of the loader's batch `loaded` (not its lengths: they stay on the host)."""
+    tensors = [*trainer.encoder_module.parameters(), *trainer.encoder_module.buffers(),
+               *trainer.decoder_module.parameters(), *trainer.decoder_module.buffers(), loaded[0], loaded[1]]
+    for optimizer in trainer.optimizers.active:
+        tensors += [value for state in optimizer.state.values() for value in state.values()
+                    if isinstance(value, torch.Tensor)]
+    return tensors

@@ -7,6 +7,7 @@ validation), last / best (epoch 1's last or BEST checkpoint half written), or no
 the process sends it to itself at that moment. The fault is injected by wrapping the toolkit's functions in
 this process only; the toolkit itself has no test hooks.
 """
+import collections
 import json
 import os
 import signal
@@ -41,11 +42,14 @@ def inject(moment, signal_name):
         features.encode_images = encode_then_fault
     elif moment == "mid_epoch":
         real_step = training.Trainer.train_step
+        steps = collections.Counter()  # epoch -> steps taken in it
 
-        def step_then_fault(self, batch, where="this batch"):
-            if where == f"epoch {FAULT_EPOCH}, batch 1":
+        def step_then_fault(self, batch):
+            epoch = self.state["epoch"] + 1  # the epoch being trained
+            steps[epoch] += 1
+            if epoch == FAULT_EPOCH and steps[epoch] == 2:
                 fault(signal_name)
-            return real_step(self, batch, where)
+            return real_step(self, batch)
         training.Trainer.train_step = step_then_fault
     elif moment == "validation":
         real_validate = training.Trainer.validate

@@ -1,15 +1,21 @@
-"""bench.py: the quick run prints every figure in its documented format; the COCO projection and the
-backbone table. Speed ratios are not asserted (timings in tests are flaky): they belong in the README."""
+"""bench.py: the quick run prints every figure in its documented format; the COCO projection, the backbone
+table, the step counts and the --gpu section (on the CPU at tiny sizes). Speed ratios are not asserted (timings in
+tests are flaky): they belong in docs/benchmarks.md."""
 import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import bench
+from benchmarks.coco_sized import random_captions
+from benchmarks.common import BATCH_SIZE, QUICK, coco_projection
+from benchmarks.encoder import backbone_table
+from benchmarks.gpu import GPU_QUICK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIO_LINES = ("train_speedup_attention", "train_speedup_rnn", "beam_speedup", "preprocess_speedup", "encoder_speedup",
@@ -47,7 +53,7 @@ def test_batched_beam_search_gives_the_reference_captions(quick_run):
     assert figures["beam_mismatches"] == 0
     assert {name: beam["mismatches"] for name, beam in figures["beam"].items()} == {"attention": 0, "rnn": 0,
                                                                                    "transformer": 0}
-    assert figures["beam"]["attention"]["images"] == bench.QUICK.val_images
+    assert figures["beam"]["attention"]["images"] == QUICK.val_images
 
 
 def test_json_holds_the_absolute_figures_behind_each_ratio(quick_run):
@@ -59,11 +65,11 @@ def test_json_holds_the_absolute_figures_behind_each_ratio(quick_run):
         assert train["speedup"] == pytest.approx(train["cached"]["samples_per_s"] / train["course"]["samples_per_s"])
         assert values[f"train_speedup_{decoder}"] == f"{train['speedup']:.2f} x"
         # grouped batches hold 32 // 5 = 6 images with their 5 captions each; course batches 32 captions
-        rounds = bench.QUICK.timing_rounds
-        assert train["cached"]["captions"] == rounds * bench.QUICK.cached_steps_per_round * 30
+        rounds = QUICK.timing_rounds
+        assert train["cached"]["captions"] == rounds * QUICK.cached_steps_per_round * 30
         assert 0 < train["course"]["captions"] <= rounds * 32
     assert values["preprocess_speedup"] == f"{figures['preprocess']['speedup']:.2f} x"
-    assert figures["feature_cache"]["images"] == bench.QUICK.train_images + bench.QUICK.val_images
+    assert figures["feature_cache"]["images"] == QUICK.train_images + QUICK.val_images
     encoder = figures["encoder"]
     assert values["encoder_speedup"] == f"{encoder['images_per_s'] / encoder['reference_images_per_s']:.2f} x"
     cache_speedup = encoder["cache_build_images_per_s"] / encoder["cache_build_reference_images_per_s"]
@@ -72,24 +78,53 @@ def test_json_holds_the_absolute_figures_behind_each_ratio(quick_run):
     assert 0 < encoder["test_images_per_s"] and 0 < encoder["gflops_per_s"] < 10 * encoder["conv_gflops_per_s"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU section runs on this machine")
-def test_gpu_section_is_skipped_with_a_line_without_cuda(quick_run):
+def test_the_step_counts_are_printed_and_a_training_step_never_synchronises(quick_run):
     stdout, figures = quick_run
-    assert re.search(r"^gpu: skipped \(.*no CUDA device\)$", stdout, re.MULTILINE)
-    assert figures["gpu"] is None
+    counts = figures["counts"]
+    assert line_values(stdout)["step_host_syncs"] == "0" and counts["synchronisations"] == 0
+    assert line_values(stdout)["step_aten_ops"].startswith(f"{counts['operations']} (one training step")
+    assert counts["by_operation"]["_fused_adam_"] == 1  # one fused optimiser step for every parameter
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU section runs at full size on this machine")
+def test_the_gpu_section_runs_on_the_cpu_at_tiny_sizes(tmp_path):
+    json_path = tmp_path / "gpu.json"
+    result = subprocess.run([sys.executable, "bench.py", "--gpu", "--quick", "--json", str(json_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(json_path, encoding="utf-8") as file:
+        gpu = json.load(file)["gpu"]
+    values = line_values(result.stdout)
+    assert set(gpu["runs"]) >= {"course_path_fp32_b32", "attention_cache_bf16_b60", "transformer_cache_bf16_b60",
+                                "attention_finetuned_fp32_b60"}
+    for run in gpu["runs"].values():
+        assert run["samples_per_s"] > 0 and run["coco_epoch_minutes"] == pytest.approx(566_435 / run["samples_per_s"] / 60)
+    speedup = gpu["runs"]["attention_cache_bf16_b32"]["samples_per_s"] / gpu["runs"]["course_path_fp32_b32"]["samples_per_s"]
+    assert values["gpu_speedup_over_course_b32"] == f"{speedup:.2f} x"
+    assert gpu["profile"]["step_seconds"] > 0 and gpu["scst"]["samples"] > 0
+    assert gpu["test"]["images"] == GPU_QUICK.val_images and gpu["encoder"]["toolkit"] > 0
+
+
+def test_coco_sized_captions_use_every_word_at_coco_lengths():
+    captions = random_captions(200, 9490, np.random.default_rng(0), every_word=True)
+    words = [word for image in captions for caption in image for word in caption]
+    lengths = [len(caption) for image in captions for caption in image]
+    assert len(captions) == 200 and all(len(image) == 5 for image in captions)
+    assert len(set(words)) == 9490
+    assert 10 <= np.mean(lengths) <= 11 and max(lengths) <= 50 and min(lengths) >= 8
 
 
 def test_coco_projection_from_given_rates():
     # 113,287 images x 5 captions at 100 samples/s; 118,287 TRAIN + VAL images cached at 50 images/s
-    projection = bench.coco_projection(100.0, cache_images_per_second=50.0)
+    projection = coco_projection(100.0, cache_images_per_second=50.0)
     assert projection["epoch_hours"] == pytest.approx(566_435 / 100 / 3600)  # 1.573 h
     assert projection["cache_hours"] == pytest.approx(118_287 / 50 / 3600)  # 0.657 h
-    assert bench.coco_projection(566_435 / 3600)["epoch_hours"] == pytest.approx(1.0)
-    assert bench.coco_projection(100.0)["cache_hours"] is None
+    assert coco_projection(566_435 / 3600)["epoch_hours"] == pytest.approx(1.0)
+    assert coco_projection(100.0)["cache_hours"] is None
 
 
 def test_backbone_table_has_a_row_per_backbone():
-    table = bench.backbone_table(image_size=64, encoded_image_size=2, backbones=("resnet18",))
+    table = backbone_table(image_size=64, encoded_image_size=2, backbones=("resnet18",))
     header, rule, row = table.splitlines()
     assert header == "| backbone | C | parameters (M) | GFLOPs | CPU ms |"
     cells = [cell.strip() for cell in row.strip("|").split("|")]
@@ -102,7 +137,7 @@ def test_the_scst_step_and_its_reward_share_are_measured(quick_run):
     stdout, figures = quick_run
     values = line_values(stdout)
     scst = figures["scst"]
-    assert scst["samples"] == bench.QUICK.scst_steps * (bench.BATCH_SIZE // 5) * 5
+    assert scst["samples"] == QUICK.scst_steps * (BATCH_SIZE // 5) * 5
     assert values["scst_samples_per_s"].startswith(f"{scst['samples_per_s']:.2f} sampled captions/s")
     assert 0 < scst["reward_share"] < 1
     assert values["cider_reward_share"].startswith(f"{scst['reward_share']:.4f} of the SCST step")

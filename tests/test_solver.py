@@ -7,8 +7,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import config
 import solver
@@ -176,7 +174,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shapes, tm
         return (loss * float("nan") if calls["n"] == 2 else loss), scores, targets
 
     monkeypatch.setattr(training_stages, "caption_loss", poisoned)
-    with pytest.raises(ToolkitError, match=r"at epoch 1, batch 1 became nan"):
+    with pytest.raises(ToolkitError, match=r"at epoch 1, batches 0 to \d+ became nan"):
         train_tiny(tiny_shapes, tmp_path, epochs=2, checkpoint=first["last_checkpoint"])
     assert open(first["last_checkpoint"], "rb").read() == before
 

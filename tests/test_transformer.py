@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import models
 from beam_search import beam_search, beam_search_one
 from models import (DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN, DecoderWithTransformer,
                     cross_attention, select_rows)

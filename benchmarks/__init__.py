@@ -1,0 +1,1 @@
+"""The sections of bench.py, one file each; bench.py runs them."""

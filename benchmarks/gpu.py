@@ -1,0 +1,177 @@
+"""`python bench.py --gpu`: the toolkit on a CUDA GPU at COCO's sizes, in about 5 minutes on an H100 or H200.
+
+Training samples/s of every decoder at the course's batch and at the recommended GPU batch, bf16 and fp32, with
+the encoder frozen (feature cache, or in the loop) and fine-tuned, beside the course's own path; where a step's
+time goes (torch.profiler: the GPU's busy share, kernel launches and host synchronisations per step); SCST; the
+encoder pass against a bare bf16 pass; the feature cache build; `test`; the projected COCO epoch.
+On a machine without CUDA, `--gpu --quick` runs the same code on the CPU at tiny sizes (for the tests).
+"""
+import contextlib
+import io
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+
+import solver
+from benchmarks.coco_sized import COCO_VOCABULARY, make_coco_sized_data
+from benchmarks.common import (BATCH_SIZE, CAPTIONS_PER_IMAGE, build_feature_caches, make_trainer, report,
+                               report_ratio, synchronize, time_side_by_side, timed, training_steps)
+from benchmarks.decoders import scst_section
+from datasets import ImageCaptionsDataset
+from encoding import encode_images, inference_plan
+from images import normalize_images
+from models import Encoder
+
+COCO_EPOCH_CAPTIONS = 566_435  # Karpathy train + restval: 113,287 images, their 5 sampled captions
+RECOMMENDED_BATCH = 640  # captions (128 images x 5): the GPU recipe of the README
+RECOMMENDED_LR = 1.6e-3  # the decoder's learning rate at that batch
+ENCODER_BATCH = 128  # images per call of the inference encoder pass
+
+
+@dataclass(frozen=True)
+class GpuSizes:
+    """The sizes of a --gpu run (backbone, grid and dims are what benchmarks.common.make_trainer reads)."""
+    backbone: str
+    image_size: int
+    grid: int
+    dims: int
+    transformer_layers: int
+    vocabulary: int
+    train_images: int
+    val_images: int
+    warmup_steps: int
+    timed_steps: int
+    scst_steps: int
+    recommended_batch: int
+
+
+GPU_FULL = GpuSizes("resnet101", 256, 14, 512, 6, COCO_VOCABULARY, 2048, 1024, 5, 20, 5, RECOMMENDED_BATCH)
+GPU_QUICK = GpuSizes("resnet18", 64, 4, 64, 1, 400, 12, 8, 1, 2, 1, 60)
+
+
+def runs(sizes):
+    """(name, decoder, batch, cfg overrides) of every timed training run; the course's path first."""
+    course, recommended = BATCH_SIZE, sizes.recommended_batch
+    fast = {"decoder_lr": RECOMMENDED_LR}
+    yield "course_path_fp32_b32", "attention", course, {"group_captions": False, "feature_cache": False,
+                                                       "mixed_precision": False}
+    for decoder in ("attention", "rnn", "adaptive", "transformer"):
+        yield f"{decoder}_cache_bf16_b32", decoder, course, {}
+        yield f"{decoder}_cache_bf16_b{recommended}", decoder, recommended, fast
+    yield "attention_cache_fp32_b32", "attention", course, {"mixed_precision": False}
+    yield f"attention_cache_fp32_b{recommended}", "attention", recommended, dict(fast, mixed_precision=False)
+    yield "attention_no_cache_bf16_b32", "attention", course, {"feature_cache": False}
+    yield f"attention_no_cache_bf16_b{recommended}", "attention", recommended, dict(fast, feature_cache=False)
+    yield "attention_finetuned_bf16_b32", "attention", course, {"fine_tune_encoder": True}
+    yield f"attention_finetuned_bf16_b{recommended}", "attention", recommended, dict(fast, fine_tune_encoder=True)
+    yield f"attention_finetuned_fp32_b{recommended}", "attention", recommended, dict(fast, fine_tune_encoder=True,
+                                                                                     mixed_precision=False)
+
+
+def gpu_section(work, quick=False):
+    """Every --gpu figure, printed as it goes; returns them."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not quick:
+        report("gpu", f"skipped (torch {torch.__version__} sees no CUDA device; --gpu --quick runs it on the CPU)")
+        return None
+    sizes = GPU_QUICK if quick else GPU_FULL
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    report("gpu", f"{name}, torch {torch.__version__}, {sizes.backbone} at {sizes.image_size} px, "
+                  f"{sizes.grid} x {sizes.grid} grid, widths {sizes.dims}, vocabulary {sizes.vocabulary:,}")
+    data = make_coco_sized_data(os.path.join(work, "gpu_data"), work, sizes.backbone, sizes.train_images,
+                                sizes.val_images, sizes.image_size, sizes.vocabulary)
+    common = {"workers": None, "cache_folder": os.path.join(work, "gpu_cache"), "max_steps": 50,
+              "transformer_layers": sizes.transformer_layers, "transformer_encoder_layers": sizes.transformer_layers,
+              "lr_warmup_steps": 0, "overwrite": True}
+    figures = {"device": name, "sizes": sizes.__dict__, "runs": {}}
+    encoder = Encoder(sizes.grid, sizes.backbone, data.encoder_weights).to(device).eval()
+    figures["encoder"] = encoder_figures(encoder, data, device)
+    cache = build_feature_caches(encoder, data, common["cache_folder"], device, ENCODER_BATCH)
+    figures["cache_build"] = cache.figures()
+    report("gpu_cache_build_images_per_s", f"{cache.images / cache.seconds:.0f} ({cache.images} images, "
+                                           f"{cache.images / cache.seconds / figures['encoder']['toolkit']:.0%} of "
+                                           f"the encoder pass)")
+    del encoder
+    for run, decoder, batch, overrides in runs(sizes):
+        trainer = make_trainer(data, work, sizes, decoder, device, batch_size=batch, run_name=run,
+                               **dict(common, **overrides))
+        steps = training_steps(trainer)
+        captions, seconds = time_side_by_side({run: (steps, sizes.timed_steps)}, sizes.warmup_steps, 1, device)[run]
+        rate = captions / seconds
+        figures["runs"][run] = {"samples_per_s": rate, "captions": captions, "seconds": seconds,
+                                "coco_epoch_minutes": COCO_EPOCH_CAPTIONS / rate / 60}
+        report(f"gpu_train_{run}", f"{rate:,.0f} samples/s (COCO epoch {COCO_EPOCH_CAPTIONS / rate / 60:.1f} min)")
+        if run == f"attention_cache_bf16_b{sizes.recommended_batch}":
+            figures["profile"] = profile_steps(steps, seconds / sizes.timed_steps, device)
+            figures["scst"] = scst_section(trainer, data, work, sizes, device, **common)
+            figures["test"] = test_figures(trainer, data, device)
+        trainer.lock.release()
+        del trainer, steps
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    ratio = figures["runs"]["attention_cache_bf16_b32"]["samples_per_s"] / \
+        figures["runs"]["course_path_fp32_b32"]["samples_per_s"]
+    report_ratio("gpu_speedup_over_course_b32", ratio)
+    figures["speedup_over_course_b32"] = ratio
+    return figures
+
+
+def profile_steps(steps, step_seconds, device, count=5):
+    """Per training step (torch.profiler over `count` steps): kernel launches, host synchronisations, and the
+    GPU's busy share of a step of `step_seconds` (timed without the profiler)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in itertools.islice(steps, count):
+            pass
+        synchronize(device)
+    events = profiler.events()
+    launches = sum(event.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC") for event in events)
+    syncs = sum(event.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+                for event in events)
+    kernel_us = sum(getattr(event, "device_time", 0) for event in events
+                    if event.device_type == torch.autograd.DeviceType.CUDA)
+    busy = kernel_us / 1e6 / count / step_seconds
+    report("gpu_step_profile", f"{launches / count:.0f} kernel launches, {syncs / count:.1f} host synchronisations "
+                               f"per step; the GPU busy {busy:.0%} of a {step_seconds * 1e3:.1f} ms step")
+    return {"kernel_launches": launches / count, "synchronisations": syncs / count, "busy_share": busy,
+            "step_seconds": step_seconds}
+
+
+@torch.inference_mode()
+def encoder_figures(encoder, data, device):
+    """Images/s of the toolkit's inference pass (encode_images with the device's plan) and of a bare bf16
+    channels_last pass over the same uint8 images."""
+    dataset = ImageCaptionsDataset(data.folder, data.name, "VAL")
+    images = torch.stack([dataset[index][0] for index in range(min(ENCODER_BATCH, len(dataset)))]).to(device)
+    plan = inference_plan(device, len(images))
+    bare = encoder.to(memory_format=torch.channels_last)
+
+    def bare_pass():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            return bare(normalize_images(images).contiguous(memory_format=torch.channels_last))
+
+    rates = {}
+    for name, function in (("toolkit", lambda: encode_images(encoder, images, plan)), ("bare", bare_pass)):
+        function()  # warm-up: cuDNN picks its algorithms
+        rates[name] = len(images) * 3 / timed(lambda: [function() for _ in range(3)], device=device)[1]
+    report("gpu_encoder_images_per_s", f"{rates['toolkit']:,.0f} (the toolkit's pass), {rates['bare']:,.0f} (a bare "
+                                       f"bf16 channels_last pass): {rates['toolkit'] / rates['bare']:.0%}")
+    return rates
+
+
+def test_figures(trainer, data, device):
+    """Images/s of solver.test over the VAL split (encoder, batched beam search of 3, the course's BLEU; no
+    coco-caption metrics) with the trainer's weights."""
+    trainer.save(is_best=True)
+    images = len(ImageCaptionsDataset(data.folder, data.name, "VAL"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, seconds = timed(lambda: solver.test(trainer.paths.best, split="VAL", batch_size=ENCODER_BATCH,
+                                               device=device, coco_metrics=False), device=device)
+    report("gpu_test_images_per_s", f"{images / seconds:,.0f} ({images} VAL images, beam size 3, checkpoint load "
+                                    f"included; 5,000 COCO images in {5000 / (images / seconds):.1f} s)")
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "captions_per_image": CAPTIONS_PER_IMAGE}

@@ -1,0 +1,87 @@
+"""The teacher-forced pass of every decoder against the step-by-step reference: one `one_step` call per
+position, its scores and attention written into (N, T, ...) tensors (the course's loop). The decoders run
+only the recurrence step by step and the output layer once over all positions; the results must not change."""
+import pytest
+import torch
+
+from models import DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN, DecoderWithTransformer
+from models import select_rows
+from training_stages import caption_loss
+
+VOCAB, CHANNELS = 30, 16
+
+
+def step_by_step(decoder, encoder_out, captions, lengths, caption_image):
+    """The reference teacher-forced pass: scores (N, T, V) and alphas (N, T, P) or None, sorted by length."""
+    encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))
+    lengths, order = lengths.reshape(-1).sort(descending=True)
+    captions = captions[order]
+    memory, state = decoder.start(encoder_out)
+    memory, state = (select_rows(m, caption_image[order]) for m in (memory, state))
+    embeddings = decoder.embedding(captions)
+    decode_lengths = (lengths - 1).tolist()
+    steps = max(decode_lengths)
+    scores, alphas = embeddings.new_zeros(len(captions), steps, decoder.vocab_size), None
+    for t in range(steps):
+        rows = sum(length > t for length in decode_lengths)
+        preds, state, alpha = decoder.one_step(embeddings[:rows, t], select_rows(memory, slice(0, rows)),
+                                               select_rows(state, slice(0, rows)))
+        scores[:rows, t] = preds
+        if alpha is not None:
+            alphas = embeddings.new_zeros(len(captions), steps, alpha.size(1)) if alphas is None else alphas
+            alphas[:rows, t] = alpha
+    return scores, captions, decode_lengths, alphas
+
+
+def make_decoder(name):
+    torch.manual_seed(0)
+    if name == "transformer":
+        return DecoderWithTransformer(VOCAB, CHANNELS, model_dim=32, layers=2, encoder_layers=1, heads=4, ff_dim=64)
+    if name.startswith("rnn"):
+        decoder = DecoderWithRNN(24, 32, VOCAB, CHANNELS)
+        decoder.fused_lstm = name == "rnn"
+        return decoder
+    return {"attention": DecoderWithAttention, "adaptive": DecoderWithAdaptiveAttention}[name](
+        20, 24, 32, VOCAB, CHANNELS)
+
+
+def grouped_batch(images=3, per_image=5, length=12):
+    """Encodings (B, 3, 3, C); B x 5 captions of lengths 2..12 on the CPU, as the loader gives them."""
+    generator = torch.Generator().manual_seed(1)
+    encoder_out = torch.randn(images, 3, 3, CHANNELS, generator=generator)
+    captions = torch.randint(4, VOCAB, (images * per_image, length), generator=generator)
+    lengths = torch.randint(2, length + 1, (images * per_image,), generator=generator)
+    caption_image = torch.arange(images).repeat_interleave(per_image)
+    return encoder_out, captions, lengths, caption_image
+
+
+@pytest.mark.parametrize("name", ["rnn", "rnn_cell_loop", "attention", "adaptive", "transformer"])
+def test_teacher_forced_scores_and_loss_equal_the_step_by_step_pass(name):
+    decoder = make_decoder(name).eval()  # eval: no dropout, so both passes see the same numbers
+    encoder_out, captions, lengths, caption_image = grouped_batch()
+    with torch.no_grad():
+        scores, sorted_captions, decode_lengths, alphas, _ = decoder(encoder_out, captions, lengths, caption_image)
+        ref_scores, ref_captions, ref_lengths, ref_alphas = step_by_step(decoder, encoder_out, captions, lengths,
+                                                                         caption_image)
+    assert decode_lengths == ref_lengths and torch.equal(sorted_captions, ref_captions)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    if ref_alphas is None:
+        assert alphas is None
+    else:
+        torch.testing.assert_close(alphas, ref_alphas, rtol=1e-5, atol=1e-5)
+    regularize = decoder.attention_regularization
+    loss = caption_loss(scores, sorted_captions[:, 1:], decode_lengths, alphas, 1.0, regularize)[0]
+    ref_loss = caption_loss(ref_scores, ref_captions[:, 1:], ref_lengths, ref_alphas, 1.0, regularize)[0]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["attention", "adaptive"])
+def test_gradients_of_the_teacher_forced_pass_equal_the_step_by_step_ones(name):
+    decoder = make_decoder(name).eval()
+    encoder_out, captions, lengths, caption_image = grouped_batch(images=2)
+    decoder(encoder_out, captions, lengths, caption_image)[0].square().sum().backward()
+    grads = [parameter.grad.clone() for parameter in decoder.parameters()]
+    decoder.zero_grad()
+    step_by_step(decoder, encoder_out, captions, lengths, caption_image)[0].square().sum().backward()
+    for grad, parameter in zip(grads, decoder.parameters()):
+        torch.testing.assert_close(grad, parameter.grad, rtol=1e-4, atol=1e-5)

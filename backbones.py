@@ -118,6 +118,10 @@ def _swin_later_stages(trunk):
 
 # ---- EfficientNet-Lite0 from PyPI -----------------------------------------------------------------
 
+LITE_INPUT_SCALE = tuple(std * 255 / 128 for std in IMAGENET_STD)
+LITE_INPUT_SHIFT = tuple((mean * 255 - 127) / 128 for mean in IMAGENET_MEAN)
+
+
 class LiteTrunk(nn.Module):
     """EfficientNet-Lite's convolutional part (stem, MBConv blocks, head conv), fed ImageNet-normalised images.
 
@@ -130,13 +134,12 @@ class LiteTrunk(nn.Module):
         super().__init__()
         classifier._fc = nn.Identity()  # extract_features never uses the classification layer
         self.net = classifier
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.register_buffer("input_scale", std * 255 / 128, persistent=False)
-        self.register_buffer("input_shift", (mean * 255 - 127) / 128, persistent=False)
 
     def forward(self, images):
-        return self.net.extract_features(images * self.input_scale + self.input_shift)  # (B, 1280, H/32, W/32)
+        # Constants, not buffers: every tensor of a model is in its state_dict (models.uninitialised relies on it).
+        scale = images.new_tensor(LITE_INPUT_SCALE).view(1, 3, 1, 1)
+        shift = images.new_tensor(LITE_INPUT_SHIFT).view(1, 3, 1, 1)
+        return self.net.extract_features(images * scale + shift)  # (B, 1280, H/32, W/32)
 
     def later_stages(self):
         """The MBConv blocks of the last ceil(n/2) of the n stages (a stage = blocks sharing an output width),

@@ -20,6 +20,10 @@ per `memory` row instead of copies of the memory: k consecutive rows per memory 
 one image), or, for the decoders whose `handles_layout` is True, any number per image, described by
 a RowLayout passed as one_step's `layout` (batched beam search, where images keep different numbers
 of beams).
+
+Teacher forcing (forward) steps through the positions with `step`; the LSTM decoders (RecurrentDecoder)
+run only their recurrence there and their output layer once over every position after the loop, and the
+Transformer decodes all positions in one causal pass.
 """
 import itertools
 import math
@@ -125,20 +129,19 @@ class CaptionDecoder(nn.Module):
         """(B, P, C) encodings -> (memory, state) tuples for the first decoding step."""
         raise NotImplementedError
 
-    def step(self, embeddings, memory, state, layout=None):
-        """The recurrence of one decoding step: (N, E) embeddings -> (N, D) outputs that the output layer reads,
-        new state, attention or None. `layout` (a RowLayout) says which memory row each state row reads when
-        that is not k consecutive rows."""
+    def one_step(self, embeddings, memory, state, layout=None):
+        """One decoding step: (N, E) embeddings -> (N, V) scores, new state, attention or None. `layout` (a
+        RowLayout) says which memory row each state row reads when that is not k consecutive rows."""
         raise NotImplementedError
 
-    def scores(self, outputs):
-        """(..., D) step outputs -> (..., V) word scores: dropout, then the output layer."""
-        return self.fc(self.dropout(outputs))
+    def step(self, embeddings, memory, state, layout=None):
+        """What the teacher-forced loop runs at each position: one_step, whose outputs are the scores. A
+        RecurrentDecoder runs only its recurrence here and its output layer once after the loop."""
+        return self.one_step(embeddings, memory, state, layout)
 
-    def one_step(self, embeddings, memory, state, layout=None):
-        """One decoding step: (N, E) embeddings -> (N, V) scores, new state, attention or None."""
-        outputs, state, attention = self.step(embeddings, memory, state, layout)
-        return self.scores(outputs), state, attention
+    def scores(self, outputs):
+        """The word scores of the step outputs of every position, once after the teacher-forced loop."""
+        return outputs
 
     def forward(self, encoder_out, encoded_captions, caption_lengths, caption_image=None):
         """Teacher forcing over a batch of captions, as in the course.
@@ -193,7 +196,26 @@ def running_counts(decode_lengths):
     return list(itertools.accumulate(reversed(ending)))[::-1]
 
 
-class DecoderWithRNN(CaptionDecoder):
+class RecurrentDecoder(CaptionDecoder):
+    """A decoder whose step is a recurrence (an LSTM cell, with or without attention) read by an output layer,
+    `fc(dropout(outputs))`, that no later step needs: the teacher-forced pass runs the output layer once over
+    every position, one large matrix product instead of one per position."""
+
+    def step(self, embeddings, memory, state, layout=None):
+        """The recurrence of one decoding step: (N, E) embeddings -> (N, D) outputs that the output layer reads,
+        new state, attention or None."""
+        raise NotImplementedError
+
+    def scores(self, outputs):
+        """(..., D) step outputs -> (..., V) word scores: dropout, then the output layer."""
+        return self.fc(self.dropout(outputs))
+
+    def one_step(self, embeddings, memory, state, layout=None):
+        outputs, state, attention = self.step(embeddings, memory, state, layout)
+        return self.scores(outputs), state, attention
+
+
+class DecoderWithRNN(RecurrentDecoder):
     """Show and Tell: the image, through `init` and `bn`, is the LSTM's first input; then the words.
 
     The teacher-forced pass runs one fused nn.LSTM call over the whole sequence with the very
@@ -334,7 +356,7 @@ class Attention(nn.Module):
         return pool_memory(alpha, encoder_out, layout), alpha
 
 
-class DecoderWithAttention(CaptionDecoder):
+class DecoderWithAttention(RecurrentDecoder):
     """Show, Attend and Tell: attention from h_{t-1}, gated by beta = sigmoid(f_beta(h_{t-1}))."""
 
     has_attention = True
@@ -366,7 +388,7 @@ class DecoderWithAttention(CaptionDecoder):
         return h, (h, c), alpha
 
 
-class DecoderWithAdaptiveAttention(CaptionDecoder):
+class DecoderWithAdaptiveAttention(RecurrentDecoder):
     """Adaptive attention with a visual sentinel (Lu, Xiong, Parikh, Socher, CVPR 2017).
 
     alphas from forward/one_step have P + 1 entries: the P region weights and, last, beta_t, the

@@ -4,7 +4,7 @@ a tensor on the device: `.item()`, `float()`, `bool()`, `.tolist()`, `.numpy()`)
 
     with OpCounter(on_device=[*model.parameters(), *model.buffers(), batch_features]) as counts:
         loss = step(batch)
-    counts.operations, counts.synchronisations, counts.where_synchronised
+    counts.operations, counts.computing_operations, counts.synchronisations, counts.where_synchronised
 
 On a CPU every tensor is on the host, so the counter follows which tensors a GPU run would keep on the device:
 those given as `on_device` (the model's weights, the batch moved to the device) and every result of an
@@ -30,6 +30,7 @@ class OpCounter(TorchDispatchMode):
     def __init__(self, on_device=()):
         super().__init__()
         self.by_operation = collections.Counter()
+        self.views = 0  # operations that only make a view (t, view, slice, detach, ...): no kernel on a GPU
         self.where_synchronised = []  # a short stack for each synchronisation
         self._on_device = {}  # id -> weak reference of each tensor that a GPU run keeps on the device
         for tensor in on_device:
@@ -39,6 +40,11 @@ class OpCounter(TorchDispatchMode):
     @property
     def operations(self):
         return sum(self.by_operation.values())
+
+    @property
+    def computing_operations(self):
+        """The operations that compute (every one but the views): the kernels an eager GPU step launches."""
+        return self.operations - self.views
 
     @property
     def synchronisations(self):
@@ -54,6 +60,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.by_operation[func.overloadpacket.__name__] += 1
+        self.views += func.is_view
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         reads_device = any(self.is_on_device(t) for t in inputs)
         if func is SCALAR_READ and reads_device:

@@ -30,7 +30,10 @@ def counts_section(work, settings):
     report("step_aten_ops", f"{counts.operations} (one training step of the attention decoder: {captions} captions, "
                             f"vocabulary {vocabulary:,}, {settings.grid} x {settings.grid} grid, widths "
                             f"{settings.dims}; forward, backward and Adam)")
+    report("step_computing_ops", f"{counts.computing_operations} (the same without the views: the kernels of an "
+                                 f"eager GPU step)")
     report("step_host_syncs", f"{counts.synchronisations}")
-    return {"operations": counts.operations, "synchronisations": counts.synchronisations,
+    return {"operations": counts.operations, "computing_operations": counts.computing_operations,
+            "synchronisations": counts.synchronisations,
             "where_synchronised": counts.where_synchronised, "captions": captions, "vocabulary": vocabulary,
             "batch_size": BATCH_SIZE, "by_operation": dict(counts.by_operation.most_common())}

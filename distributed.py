@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from utils import ToolkitError
+from utils import Terminated, ToolkitError, worker_terminated
 
 TIMEOUT_VARIABLE = "CAPTIONING_DDP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800  # a rank waits this long in one collective (a barrier while another builds a cache)
@@ -190,6 +190,8 @@ class Ranks:
                 raise ToolkitError(f"rank {self.rank} of {self.world_size}: {error}") from None
             raise
         except RuntimeError as error:
+            if worker_terminated(error):  # the process group's SIGTERM reached a loader worker first
+                raise Terminated() from None
             if not self.distributed:
                 raise
             first_line = str(error).splitlines()[0] if str(error) else ""

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 import solver
 from checkpoints import load_checkpoint
 from conftest import tiny_cfg
-from utils import ToolkitError
+from utils import ToolkitError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HARNESS = os.path.join(HERE, "fault_harness.py")
@@ -81,6 +82,50 @@ def test_a_killed_run_resumes_losing_at_most_the_epoch_in_progress(tiny_shapes, 
     torch.testing.assert_close(final["history"]["val_bleu4"], reference_run["val_bleu4"])
     best = load_checkpoint(last.replace("checkpoint_", "BEST_checkpoint_"))
     assert best["epoch"] == best_epoch_of(final["history"])
+
+
+def session_gone(session, wait_s=10):
+    """True once no process of the session (the harness, its loader workers) is left."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(session, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_ends_as_a_plain_sigterm(tiny_shapes, tmp_path):
+    """`kill -- -PGID` (a job's kill, a scheduler's pre-emption, `timeout`) reaches the loader workers too: the
+    run still ends as a plain SIGTERM, not with "DataLoader worker killed by signal" raised during its shutdown."""
+    cfg = fault_cfg(tiny_shapes, tmp_path, workers=2)
+    process = subprocess.Popen([sys.executable, HARNESS, "mid_epoch", "TERM_GROUP", json.dumps(cfg)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "killed by signal" not in stderr and "damaged" not in stderr, stderr[-3000:]
+    assert "terminated (SIGTERM)" in stderr
+    last = os.path.join(cfg["output_folder"], f"checkpoint_{tiny_shapes.data_name}_rnn_resnet18.pth.tar")
+    assert "To resume after epoch 0" in stdout and f"--checkpoint {last}" in stdout
+    assert load_checkpoint(last)["epoch"] == 0
+    assert temp_files(tmp_path) == [] and not os.path.exists(tmp_path / f".{tiny_shapes.data_name}_rnn_resnet18.lock")
+    assert session_gone(process.pid)  # no loader worker outlives the run
+
+
+def test_a_loader_worker_killed_by_sigterm_exits_as_sigterm(capsys):
+    """Should a worker die of the group's SIGTERM before it could ignore it, torch's error is the termination."""
+    def main(argv):
+        raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Terminated. ")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # run_cli's handler is for command lines, not for pytest
+    assert exit_info.value.code == 143
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
 
 
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(tiny_shapes, tmp_path):

@@ -47,13 +47,15 @@ def worker_terminated(error):
 
 
 def loader_worker_init(worker_id):
-    """`worker_init_fn` of the toolkit's DataLoaders: a worker does not die of a SIGTERM sent to its whole process
+    """`worker_init_fn` of the toolkit's DataLoaders. A worker does not die of a SIGTERM sent to its whole process
     group, which its main process gets too; the main process alone handles it (stops its workers as at the end
     of a run, says how to resume) instead of learning from torch that a worker was "killed by signal" in the
     middle of its own shutdown. A SIGTERM from the main process (torch stopping a worker that does not end by
     itself) still ends the worker quietly, as torch's own handler does, and so does one after the main process
     is gone. The signal is blocked in the worker and taken by a thread (sigwaitinfo names its sender); where
-    sigwaitinfo is missing (macOS) torch's handling stays."""
+    sigwaitinfo is missing (macOS) torch's handling stays. A worker prints no traceback for a connection to the
+    main process that broke (see quiet_when_the_main_process_is_gone)."""
+    sys.excepthook = quiet_when_the_main_process_is_gone
     if not hasattr(signal, "sigwaitinfo"):
         return
     parent = os.getppid()
@@ -66,6 +68,15 @@ def loader_worker_init(worker_id):
                 os._exit(0)
 
     threading.Thread(target=watch, name="sigterm-of-the-main-process", daemon=True).start()
+
+
+def quiet_when_the_main_process_is_gone(kind, value, traceback):
+    """sys.excepthook of a loader worker: the thread that hands a batch's shared memory to the main process
+    (multiprocessing's resource sharer) meets a closed connection when the main process stops, e.g. after another
+    rank of a multi-process run died; the main process says why it stopped, so the worker prints nothing."""
+    if issubclass(kind, (ConnectionError, EOFError)):
+        return
+    sys.__excepthook__(kind, value, traceback)
 
 
 def run_cli(main, argv=None):

@@ -182,6 +182,31 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_much_is_needed(t
     assert temp_files(tmp_path / "out") == []
 
 
+def test_logs_that_cannot_be_written_after_epoch_0_do_not_stop_the_run(tiny_shapes, tmp_path, monkeypatch, capsys):
+    """The TensorBoard run folder replaced by a file and the metrics CSV by a folder after epoch 0: a note for
+    each, and training goes on to its last epoch."""
+    import run_log
+
+    real_epoch = run_log.RunLog.epoch
+    events = run_log.tensorboard_folder(str(tmp_path), f"{tiny_shapes.data_name}_rnn_resnet18")
+    csv_path = run_log.metrics_csv_path(str(tmp_path), f"{tiny_shapes.data_name}_rnn_resnet18")
+
+    def epoch_then_break_the_logs(self, history):
+        real_epoch(self, history)
+        if history["epoch"] == [0]:
+            shutil.rmtree(events)
+            open(events, "w").close()
+            os.remove(csv_path)
+            os.mkdir(csv_path)
+    monkeypatch.setattr(run_log.RunLog, "epoch", epoch_then_break_the_logs)
+    result = solver.train(fault_cfg(tiny_shapes, tmp_path, epochs=3))
+    assert load_checkpoint(result["last_checkpoint"])["history"]["epoch"] == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert err.count("note: the TensorBoard events of this run in") == 1 and err.count("note: the metrics CSV") == 1
+    assert "Traceback" not in err and ".tmp" not in err
+    assert temp_files(tmp_path) == []
+
+
 def test_ctrl_c_says_how_to_resume(tiny_shapes, tmp_path, monkeypatch, capsys):
     first = solver.train(fault_cfg(tiny_shapes, tmp_path, epochs=1))
     import training

@@ -7,6 +7,7 @@ atomically and read with `torch.load(..., weights_only=True)`, so loading one ca
 import dataclasses
 import io
 import os
+import sys
 
 import torch
 
@@ -171,10 +172,16 @@ class RunLock:
             return None
 
     def release(self):
+        """Remove the lock file. A failure (its folder made read-only, ...) is a note, never an error: release runs
+        while another error may be ending the run, and must not hide it."""
         if self.held:
-            if self.owner() == os.getpid():
-                os.remove(self.path)
             self.held = False
+            try:
+                if self.owner() == os.getpid():
+                    os.remove(self.path)
+            except OSError as error:
+                print(f"note: cannot remove the lock file {self.path!r} ({error.strerror or error}); the next run "
+                      f"takes it over (its process is gone), or remove it yourself", file=sys.stderr)
 
     def __enter__(self):
         return self.acquire()

@@ -207,6 +207,46 @@ def test_logs_that_cannot_be_written_after_epoch_0_do_not_stop_the_run(tiny_shap
     assert temp_files(tmp_path) == []
 
 
+def make_read_only(folder):
+    """Make `folder` unwritable, for root too (chattr +i, where chmod does not stop root); returns the undo.
+    Skips the test where neither works."""
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        return lambda: os.chmod(folder, 0o755)
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("root cannot make a folder read-only here (no chattr +i)")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_an_output_folder_made_read_only_names_the_checkpoint_not_written(tiny_shapes, tmp_path, monkeypatch, capsys):
+    """After epoch 0 the output folder becomes read-only: epoch 1 trains, its checkpoint cannot be written, and the
+    error says so (which file, why, what is intact), not that the lock file could not be removed."""
+    import run_log
+
+    out = tmp_path / "out"
+    real_epoch, undo = run_log.RunLog.epoch, []
+
+    def epoch_then_read_only(self, history):
+        real_epoch(self, history)
+        if history["epoch"] == [0]:
+            undo.append(make_read_only(out))
+    monkeypatch.setattr(run_log.RunLog, "epoch", epoch_then_read_only)
+    try:
+        with pytest.raises(ToolkitError) as raised:
+            solver.train(fault_cfg(tiny_shapes, out, epochs=3))
+    finally:
+        for step in undo:
+            step()
+    last = str(out / f"checkpoint_{tiny_shapes.data_name}_rnn_resnet18.pth.tar")
+    message = str(raised.value)
+    assert message.startswith("epoch 1's checkpoint could not be written to ") and "PermissionError" in message
+    assert f"{last!r}, is intact" in message and f"resume from it (--checkpoint {last})" in message
+    assert ".tmp" not in message and "lock" not in message
+    assert "note: cannot remove the lock file" in capsys.readouterr().err
+    assert load_checkpoint(last)["epoch"] == 0
+    assert temp_files(out) == []
+
+
 def test_ctrl_c_says_how_to_resume(tiny_shapes, tmp_path, monkeypatch, capsys):
     first = solver.train(fault_cfg(tiny_shapes, tmp_path, epochs=1))
     import training

@@ -152,7 +152,9 @@ class RunLock:
                 if owner is not None and owner != os.getpid() and process_alive(owner):
                     raise ToolkitError(f"another process (pid {owner}) is training the run of lock file "
                                        f"{self.path!r}; wait for it to end, or give this run another "
-                                       f"cfg['run_name'] (--run-name)") from None
+                                       f"cfg['run_name'] (--run-name). If no run of this name is going on (pid "
+                                       f"{owner} is another program, which got the pid of a killed run), the lock "
+                                       f"is stale and removing {self.path!r} is safe") from None
                 if owner != os.getpid():
                     print(f"note: taking over the lock {self.path!r} left by a process that is gone (pid {owner})")
                 os.remove(self.path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import solver
-from checkpoints import load_checkpoint
+from checkpoints import RunLock, load_checkpoint
 from conftest import tiny_cfg
 from utils import ToolkitError, run_cli
 
@@ -141,6 +141,34 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(tiny_sh
         sleeper.wait()
     solver.train(dict(cfg, epochs=1))  # the lock of a process that is gone is taken over
     assert not lock.exists()
+
+
+def test_a_lock_of_a_live_unrelated_process_says_removing_it_is_safe(tmp_path):
+    """A stale lock whose pid now belongs to another program: the refusal names the lock file and the way past."""
+    lock = str(tmp_path / ".run.lock")
+    with open(lock, "w") as file:
+        file.write(str(os.getppid()))  # alive, and not a training run
+    with pytest.raises(ToolkitError) as raised:
+        RunLock(lock).acquire()
+    message = str(raised.value)
+    assert f"lock file {lock!r}" in message
+    assert "If no run of this name is going on" in message and f"removing {lock!r} is safe" in message
+    os.remove(lock)  # as the message says
+    RunLock(lock).acquire().release()
+    assert not os.path.exists(lock)
+
+
+def test_a_run_killed_while_writing_its_first_last_checkpoint_is_told_to_resume_from_best(tiny_shapes, tmp_path):
+    """kill -9 while the first last checkpoint is written leaves BEST alone: the refusal names BEST, which resumes."""
+    result = solver.train(fault_cfg(tiny_shapes, tmp_path, epochs=1))
+    os.remove(result["last_checkpoint"])
+    with pytest.raises(ToolkitError) as raised:
+        solver.train(fault_cfg(tiny_shapes, tmp_path, epochs=2))
+    best = result["best_checkpoint"]
+    assert f"cfg['checkpoint'] = {best!r} (--checkpoint)" in str(raised.value)
+    assert "last checkpoint was never written" in str(raised.value)
+    resumed = solver.train(fault_cfg(tiny_shapes, tmp_path, epochs=2, checkpoint=best))  # as the message says
+    assert load_checkpoint(resumed["last_checkpoint"])["history"]["epoch"] == [0, 1]
 
 
 def test_a_fresh_run_refuses_a_folder_with_a_last_checkpoint_but_no_best(tiny_shapes, tmp_path):

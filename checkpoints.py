@@ -7,6 +7,7 @@ atomically and read with `torch.load(..., weights_only=True)`, so loading one ca
 import dataclasses
 import io
 import os
+import sys
 
 import torch
 
@@ -151,7 +152,9 @@ class RunLock:
                 if owner is not None and owner != os.getpid() and process_alive(owner):
                     raise ToolkitError(f"another process (pid {owner}) is training the run of lock file "
                                        f"{self.path!r}; wait for it to end, or give this run another "
-                                       f"cfg['run_name'] (--run-name)") from None
+                                       f"cfg['run_name'] (--run-name). If no run of this name is going on (pid "
+                                       f"{owner} is another program, which got the pid of a killed run), the lock "
+                                       f"is stale and removing {self.path!r} is safe") from None
                 if owner != os.getpid():
                     print(f"note: taking over the lock {self.path!r} left by a process that is gone (pid {owner})")
                 os.remove(self.path)
@@ -171,10 +174,16 @@ class RunLock:
             return None
 
     def release(self):
+        """Remove the lock file. A failure (its folder made read-only, ...) is a note, never an error: release runs
+        while another error may be ending the run, and must not hide it."""
         if self.held:
-            if self.owner() == os.getpid():
-                os.remove(self.path)
             self.held = False
+            try:
+                if self.owner() == os.getpid():
+                    os.remove(self.path)
+            except OSError as error:
+                print(f"note: cannot remove the lock file {self.path!r} ({error.strerror or error}); the next run "
+                      f"takes it over (its process is gone), or remove it yourself", file=sys.stderr)
 
     def __enter__(self):
         return self.acquire()

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from utils import ToolkitError
+from utils import Terminated, ToolkitError, worker_terminated
 
 TIMEOUT_VARIABLE = "CAPTIONING_DDP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800  # a rank waits this long in one collective (a barrier while another builds a cache)
@@ -182,23 +182,55 @@ class Ranks:
     @contextlib.contextmanager
     def failures_named(self):
         """An exception on this rank is reported with the rank before it propagates (torchrun then stops
-        the other ranks); a collective broken by another rank's death becomes a one-line error saying so."""
+        the other ranks); a collective broken by another rank's death, and the failures of the data loader's
+        workers that follow it (a worker gone, a batch's shared memory whose worker is gone), become a one-line
+        error saying so."""
         try:
             yield
         except ToolkitError as error:
             if self.distributed:
                 raise ToolkitError(f"rank {self.rank} of {self.world_size}: {error}") from None
             raise
-        except RuntimeError as error:
+        except (RuntimeError, ConnectionError, EOFError) as error:
+            if worker_terminated(error):  # the process group's SIGTERM reached a loader worker first
+                raise Terminated() from None
             if not self.distributed:
                 raise
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            if isinstance(error, dist.DistBackendError) or any(word in first_line for word in COLLECTIVE_FAILURES):
-                raise ToolkitError(f"rank {self.rank} of {self.world_size} stopped: a collective failed, most likely "
-                                   f"because another rank crashed or was killed (torchrun's summary names it): "
-                                   f"{first_line[:300]}") from None
-            print(f"error: rank {self.rank} of {self.world_size} failed:", file=sys.stderr)
-            raise
+            failure = peer_failure(error)
+            if failure is None:
+                print(f"error: rank {self.rank} of {self.world_size} failed:", file=sys.stderr)
+                raise
+            what, cause = failure
+            raise ToolkitError(f"rank {self.rank} of {self.world_size} stopped: {what}, most likely because another "
+                               f"rank crashed or was killed (torchrun's summary names it): "
+                               f"{first_line(cause)[:300]}") from None
+
+
+def first_line(error):
+    """`TypeName: the first line of its message`, or the type's name alone."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def peer_failure(error):
+    """(what broke, in words, the error that says so) when `error`, or an error it was raised while handling, is a
+    collective that failed or a data loader that lost a worker or a batch from one; None for any other error."""
+    seen, chain = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for error in chain:
+        text = str(error).splitlines()[0] if str(error) else ""
+        if isinstance(error, dist.DistBackendError) or (
+                isinstance(error, RuntimeError) and any(word in text for word in COLLECTIVE_FAILURES)):
+            return "a collective failed", error
+    for error in chain:
+        if isinstance(error, RuntimeError) and "DataLoader worker" in str(error):
+            return "its data loader lost a worker process", error
+        if isinstance(error, (ConnectionError, EOFError)):  # a batch's shared memory, handed over by its worker
+            return "its data loader lost the connection to a worker process", error
+    return None
 
 
 def unwrapped(module):

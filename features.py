@@ -20,7 +20,7 @@ from data_files import data_paths, feature_cache_path, new_hdf5_file
 from datasets import ImageCaptionsDataset, opened_images_file
 from distributed import contiguous_slice
 from encoding import encode_images, inference_plan
-from utils import ToolkitError, atomic_path, check_free_space, format_bytes, remove_stale_temp_files
+from utils import ToolkitError, atomic_path, check_free_space, format_bytes, loader_worker_init, remove_stale_temp_files
 
 CACHE_FORMAT = "features/1"
 DISK_MARGIN_BYTES = 1 << 30  # leave 1 GiB free
@@ -150,7 +150,8 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
                      fix="free some space, point cfg['cache_folder'] (--cache-folder) at a larger disk, or train "
                          "without the cache (cfg['feature_cache'] = False, --no-feature-cache)")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=torch.device(device).type == "cuda")
+                                         pin_memory=torch.device(device).type == "cuda",
+                                         worker_init_fn=loader_worker_init if workers > 0 else None)
     with atomic_path(path, needed_bytes=needed) as tmp, new_hdf5_file(tmp) as h5:
         features = h5.create_dataset("features", (len(dataset), positions, channels), dtype="float16",
                                      chunks=(1, positions, channels))

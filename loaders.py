@@ -6,6 +6,7 @@ import torch
 
 from datasets import CaptionDataset, ImageCaptionsDataset
 from distributed import shard_indices
+from utils import loader_worker_init
 
 
 def default_workers(cfg):
@@ -32,7 +33,9 @@ class TrainingData:
     def __init__(self, cfg, ranks, features=None, with_image_index=False, pin_memory=False):
         """`features`: {"TRAIN": path, "VAL": path} of feature caches to read instead of the images."""
         workers = default_workers(cfg)
-        options = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
+        # loader_worker_init: the SIGTERM of the process group is the main process's to handle (utils.py)
+        options = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0,
+                   "worker_init_fn": loader_worker_init if workers > 0 else None}
         if not cfg["group_captions"]:
             train = CaptionDataset(cfg["data_folder"], cfg["data_name"], "TRAIN")
             val = CaptionDataset(cfg["data_folder"], cfg["data_name"], "VAL")

@@ -109,9 +109,13 @@ def refuse_to_overwrite(cfg, paths):
     """A new run must not silently replace the checkpoints of an earlier run of the same name."""
     existing = [path for path in (paths.best, paths.last) if os.path.exists(path)]
     if existing and not cfg["overwrite"]:
+        # Without the last checkpoint (a kill while the first one was written) BEST holds the run's newest epoch.
+        resume, newest = (paths.last, "") if os.path.exists(paths.last) else (
+            paths.best, f" (its last checkpoint was never written: {os.path.basename(paths.best)} holds its "
+                        f"newest epoch)")
         raise ToolkitError(
-            f"{existing[0]!r} already holds a run named {paths.name!r}; resume it with "
-            f"cfg['checkpoint'] = {paths.last!r} (--checkpoint), give this run another "
+            f"{existing[0]!r} already holds a run named {paths.name!r}{newest}; resume it with "
+            f"cfg['checkpoint'] = {resume!r} (--checkpoint), give this run another "
             f"cfg['run_name'] (--run-name), or set cfg['overwrite'] = True (--overwrite) to replace it")
 
 

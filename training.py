@@ -367,9 +367,22 @@ class Trainer:
         checkpoint = {"cfg": dict(self.cfg, checkpoint=None), "word_map": self.word_map, "image_size": self.image_size,
                       "encoder_state": self.encoder_module.state_dict(),
                       "decoder_state": self.decoder_module.state_dict(), **self.optimizers.state_dicts(), **self.state}
-        if is_best:
-            save_checkpoint(checkpoint, self.paths.best)
-        save_checkpoint(checkpoint, self.paths.last)
+        for path in ([self.paths.best] if is_best else []) + [self.paths.last]:
+            try:
+                save_checkpoint(checkpoint, path)
+            except (OSError, ToolkitError) as error:  # ToolkitError: a full disk, which atomic_path words
+                raise ToolkitError(self.unsaved_message(path, error)) from None
+
+    def unsaved_message(self, path, error):
+        """Why epoch N's checkpoint `path` could not be written, what is intact, and how to go on."""
+        epoch, folder = self.state["epoch"], os.path.dirname(os.path.abspath(path))
+        why = f"{type(error).__name__}: {error.strerror or error}" if isinstance(error, OSError) else str(error)
+        if os.path.isfile(self.paths.last):
+            go_on = (f"the last checkpoint written, {self.paths.last!r}, is intact; make {folder!r} writable (or free "
+                     f"space) and resume from it (--checkpoint {self.paths.last})")
+        else:
+            go_on = f"no checkpoint of this run was written; make {folder!r} writable (or free space) and start again"
+        return f"epoch {epoch}'s checkpoint could not be written to {path!r}: {why}. Training stopped; {go_on}"
 
 
 def print_epoch(train_stats, val_stats):

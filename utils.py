@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 
 import numpy as np
 
@@ -26,15 +27,70 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_terminated(signum, frame):
+    # From now on a DataLoader worker that dies is part of the termination, not an error: torch's SIGCHLD handler
+    # would raise "worker ... killed by signal" inside whatever runs next (a finally block, the resume command's
+    # checkpoint read) and hide the SIGTERM. A handler that does nothing, not SIG_DFL: a SIGCHLD already pending
+    # would make Python print "Signal 17 ignored due to race condition".
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, ignore_signal)
     raise Terminated()
+
+
+def ignore_signal(signum, frame):
+    pass
+
+
+def worker_terminated(error):
+    """True for torch's error that a DataLoader worker was killed by SIGTERM: the SIGTERM of the process group
+    (kill of a job, a scheduler's pre-emption, `timeout`) reached the worker, and reaches this process too."""
+    return isinstance(error, RuntimeError) and "killed by signal: Terminated" in str(error)
+
+
+def loader_worker_init(worker_id):
+    """`worker_init_fn` of the toolkit's DataLoaders. A worker does not die of a SIGTERM sent to its whole process
+    group, which its main process gets too; the main process alone handles it (stops its workers as at the end
+    of a run, says how to resume) instead of learning from torch that a worker was "killed by signal" in the
+    middle of its own shutdown. A SIGTERM from the main process (torch stopping a worker that does not end by
+    itself) still ends the worker quietly, as torch's own handler does, and so does one after the main process
+    is gone. The signal is blocked in the worker and taken by a thread (sigwaitinfo names its sender); where
+    sigwaitinfo is missing (macOS) torch's handling stays. A worker prints no traceback for a connection to the
+    main process that broke (see quiet_when_the_main_process_is_gone)."""
+    sys.excepthook = quiet_when_the_main_process_is_gone
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch():
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender == parent or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="sigterm-of-the-main-process", daemon=True).start()
+
+
+def quiet_when_the_main_process_is_gone(kind, value, traceback):
+    """sys.excepthook of a loader worker: the thread that hands a batch's shared memory to the main process
+    (multiprocessing's resource sharer) meets a closed connection when the main process stops, e.g. after another
+    rank of a multi-process run died; the main process says why it stopped, so the worker prints nothing."""
+    if issubclass(kind, (ConnectionError, EOFError)):
+        return
+    sys.__excepthook__(kind, value, traceback)
 
 
 def run_cli(main, argv=None):
     """Run `main(argv)`, turning ToolkitError, OSError, Ctrl-C and SIGTERM into a one-line message and an
-    exit code (2 for errors, 130 for Ctrl-C, 143 for SIGTERM)."""
+    exit code (2 for errors, 130 for Ctrl-C, 143 for SIGTERM). A DataLoader worker killed by SIGTERM is the
+    process group's SIGTERM (see worker_terminated)."""
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        main(argv)
+        try:
+            main(argv)
+        except RuntimeError as error:
+            if worker_terminated(error):
+                raise Terminated() from None
+            raise
     except ToolkitError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -4,13 +4,15 @@
 
 MOMENT: cache (while the feature cache is built), mid_epoch (epoch 1, second batch), validation (epoch 1's
 validation), last / best (epoch 1's last or BEST checkpoint half written), or none. SIGNAL: KILL or TERM:
-the process sends it to itself at that moment. The fault is injected by wrapping the toolkit's functions in
+the process sends it to itself at that moment; TERM_GROUP: SIGTERM to its whole process group (its loader
+workers too; start it in a session of its own). The fault is injected by wrapping the toolkit's functions in
 this process only; the toolkit itself has no test hooks.
 """
 import collections
 import json
 import os
 import signal
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,7 +27,11 @@ FAULT_EPOCH = 1
 
 
 def fault(signal_name):
-    os.kill(os.getpid(), getattr(signal, f"SIG{signal_name}"))
+    if signal_name == "TERM_GROUP":  # what `kill -- -PGID`, a scheduler's pre-emption or `timeout` sends: from
+        # another process (a loader worker exits quietly on a SIGTERM from its parent)
+        subprocess.Popen(["kill", "-TERM", "--", f"-{os.getpgid(0)}"])
+    else:
+        os.kill(os.getpid(), getattr(signal, f"SIG{signal_name}"))
 
 
 def inject(moment, signal_name):

@@ -21,7 +21,7 @@ from conftest import tiny_cfg
 from distributed import Ranks, contiguous_slice, differing_keys, shard_indices
 from solver import train
 from training import Trainer
-from utils import process_alive
+from utils import Terminated, ToolkitError, process_alive, quiet_when_the_main_process_is_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES_PER_CAPTION_BATCH = 5  # captions_per_image of the tiny data: batch_size // 5 images per batch
@@ -211,6 +211,87 @@ def test_a_killed_rank_ends_the_run_on_the_other_with_a_message_naming_it(runs, 
     assert not os.path.exists(lock.path) or lock.owner() is None or not process_alive(lock.owner())
     assert not [file for file in os.listdir(tmp_path) if file.endswith(".tmp")]
     assert load_checkpoint(RunPaths(name, str(tmp_path)).last)["epoch"] >= 0  # it resumes like any killed run
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank's process through /proc")
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_killed_rank_with_loader_workers_ends_the_other_with_one_line(tiny_shapes, tmp_path, victim):
+    """Loader workers (workers 1): the surviving rank's workers get torchrun's SIGTERM too and hand their
+    batches through shared memory; the surviving rank still prints one line, and none of its workers a traceback."""
+    cfg = ddp_cfg(tiny_shapes, tmp_path, epochs=1000, workers=1, batch_size=10)
+    name = run_name(validate_cfg(dict(cfg)))
+    process = subprocess.Popen(torchrun_command(cfg), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not os.path.exists(tmp_path / f"{name}.metrics.csv"):  # the first epoch is done: training runs
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+            time.sleep(0.1)
+        time.sleep(0.3)  # into the next epoch
+        os.kill(rank_pid(process.pid, victim), signal.SIGKILL)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert f"local_rank: {victim}" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
+    # the ranks' output: before torchrun's summary of the failure, without torchrun's log lines
+    before_torchrun = "\n".join(line for line in output.split("failed (exitcode")[0].splitlines()
+                                 if "torch/distributed/elastic" not in line)
+    survivor = 1 - victim
+    stopped = [f"error: rank {survivor} of 2 stopped: ", "terminated (SIGTERM): nothing half-written"]
+    assert sum(before_torchrun.count(line) for line in stopped) == 1, before_torchrun[-3000:]
+    for noise in ("Traceback", "killed by signal", "damaged", "Error:"):
+        assert noise not in before_torchrun, before_torchrun[-3000:]
+    if victim == 1:  # rank 0 releases its lock and leaves no temporary file (a kill -9 of rank 0 may leave both)
+        assert not os.path.exists(tmp_path / f".{name}.lock")
+        assert not [file for file in os.listdir(tmp_path) if file.endswith(".tmp")]
+    assert load_checkpoint(RunPaths(name, str(tmp_path)).last)["epoch"] >= 0
+
+
+def test_failures_after_a_dead_peer_are_one_line(capsys):
+    """What a rank meets when another rank dies: gloo's error, the loader's error raised while handling it, a
+    batch whose worker is gone (the resource sharer's connection): each a ToolkitError of one line."""
+    ranks = Ranks(rank=1, world_size=2)
+    def gloo():
+        return RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:45199")
+
+    def loader():
+        return RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+    def reset():
+        return ConnectionResetError(104, "Connection reset by peer")
+    cases = [(gloo, None, "a collective failed.*Connection closed by peer"),
+             (loader, gloo, "a collective failed.*Connection closed by peer"),
+             (loader, None, "its data loader lost a worker process.*RuntimeError: DataLoader worker"),
+             (reset, None, "its data loader lost the connection to a worker process.*ConnectionResetError")]
+    for error, context, message in cases:
+        with pytest.raises(ToolkitError, match="^rank 1 of 2 stopped: " + message) as raised:
+            with ranks.failures_named():
+                try:
+                    if context is not None:
+                        raise context()
+                finally:
+                    raise error()
+        assert "\n" not in str(raised.value) and raised.value.__suppress_context__
+    with pytest.raises(Terminated):
+        with ranks.failures_named():
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+    with pytest.raises(ValueError):
+        with ranks.failures_named():
+            raise ValueError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        with ranks.failures_named():
+            raise RuntimeError("a bug")
+    assert capsys.readouterr().err.count("error: rank 1 of 2 failed:") == 1
+
+
+def test_a_loader_worker_prints_no_traceback_for_a_closed_connection(capsys):
+    quiet_when_the_main_process_is_gone(ConnectionResetError, ConnectionResetError(104, "reset"), None)
+    quiet_when_the_main_process_is_gone(EOFError, EOFError(), None)
+    assert capsys.readouterr().err == ""
+    quiet_when_the_main_process_is_gone(ValueError, ValueError("a bug"), None)
+    assert "ValueError: a bug" in capsys.readouterr().err
 
 
 def test_ranks_given_different_cfgs_are_named_by_key():

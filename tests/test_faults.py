@@ -6,14 +6,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import solver
-from checkpoints import load_checkpoint
+from checkpoints import RunLock, load_checkpoint
 from conftest import tiny_cfg
-from utils import ToolkitError
+from utils import ToolkitError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HARNESS = os.path.join(HERE, "fault_harness.py")
@@ -83,6 +84,50 @@ def test_a_killed_run_resumes_losing_at_most_the_epoch_in_progress(tiny_shapes, 
     assert best["epoch"] == best_epoch_of(final["history"])
 
 
+def session_gone(session, wait_s=10):
+    """True once no process of the session (the harness, its loader workers) is left."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(session, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_ends_as_a_plain_sigterm(tiny_shapes, tmp_path):
+    """`kill -- -PGID` (a job's kill, a scheduler's pre-emption, `timeout`) reaches the loader workers too: the
+    run still ends as a plain SIGTERM, not with "DataLoader worker killed by signal" raised during its shutdown."""
+    cfg = fault_cfg(tiny_shapes, tmp_path, workers=2)
+    process = subprocess.Popen([sys.executable, HARNESS, "mid_epoch", "TERM_GROUP", json.dumps(cfg)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "killed by signal" not in stderr and "damaged" not in stderr, stderr[-3000:]
+    assert "terminated (SIGTERM)" in stderr
+    last = os.path.join(cfg["output_folder"], f"checkpoint_{tiny_shapes.data_name}_rnn_resnet18.pth.tar")
+    assert "To resume after epoch 0" in stdout and f"--checkpoint {last}" in stdout
+    assert load_checkpoint(last)["epoch"] == 0
+    assert temp_files(tmp_path) == [] and not os.path.exists(tmp_path / f".{tiny_shapes.data_name}_rnn_resnet18.lock")
+    assert session_gone(process.pid)  # no loader worker outlives the run
+
+
+def test_a_loader_worker_killed_by_sigterm_exits_as_sigterm(capsys):
+    """Should a worker die of the group's SIGTERM before it could ignore it, torch's error is the termination."""
+    def main(argv):
+        raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Terminated. ")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # run_cli's handler is for command lines, not for pytest
+    assert exit_info.value.code == 143
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+
+
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(tiny_shapes, tmp_path):
     cfg = fault_cfg(tiny_shapes, tmp_path)
     lock = tmp_path / f".{tiny_shapes.data_name}_rnn_resnet18.lock"
@@ -96,6 +141,34 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(tiny_sh
         sleeper.wait()
     solver.train(dict(cfg, epochs=1))  # the lock of a process that is gone is taken over
     assert not lock.exists()
+
+
+def test_a_lock_of_a_live_unrelated_process_says_removing_it_is_safe(tmp_path):
+    """A stale lock whose pid now belongs to another program: the refusal names the lock file and the way past."""
+    lock = str(tmp_path / ".run.lock")
+    with open(lock, "w") as file:
+        file.write(str(os.getppid()))  # alive, and not a training run
+    with pytest.raises(ToolkitError) as raised:
+        RunLock(lock).acquire()
+    message = str(raised.value)
+    assert f"lock file {lock!r}" in message
+    assert "If no run of this name is going on" in message and f"removing {lock!r} is safe" in message
+    os.remove(lock)  # as the message says
+    RunLock(lock).acquire().release()
+    assert not os.path.exists(lock)
+
+
+def test_a_run_killed_while_writing_its_first_last_checkpoint_is_told_to_resume_from_best(tiny_shapes, tmp_path):
+    """kill -9 while the first last checkpoint is written leaves BEST alone: the refusal names BEST, which resumes."""
+    result = solver.train(fault_cfg(tiny_shapes, tmp_path, epochs=1))
+    os.remove(result["last_checkpoint"])
+    with pytest.raises(ToolkitError) as raised:
+        solver.train(fault_cfg(tiny_shapes, tmp_path, epochs=2))
+    best = result["best_checkpoint"]
+    assert f"cfg['checkpoint'] = {best!r} (--checkpoint)" in str(raised.value)
+    assert "last checkpoint was never written" in str(raised.value)
+    resumed = solver.train(fault_cfg(tiny_shapes, tmp_path, epochs=2, checkpoint=best))  # as the message says
+    assert load_checkpoint(resumed["last_checkpoint"])["history"]["epoch"] == [0, 1]
 
 
 def test_a_fresh_run_refuses_a_folder_with_a_last_checkpoint_but_no_best(tiny_shapes, tmp_path):
@@ -135,6 +208,71 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_much_is_needed(t
     assert "the disk is full" in full.stderr and "it needs about" in full.stderr and "MB" in full.stderr
     assert open(first["last_checkpoint"], "rb").read() == before
     assert temp_files(tmp_path / "out") == []
+
+
+def test_logs_that_cannot_be_written_after_epoch_0_do_not_stop_the_run(tiny_shapes, tmp_path, monkeypatch, capsys):
+    """The TensorBoard run folder replaced by a file and the metrics CSV by a folder after epoch 0: a note for
+    each, and training goes on to its last epoch."""
+    import run_log
+
+    real_epoch = run_log.RunLog.epoch
+    events = run_log.tensorboard_folder(str(tmp_path), f"{tiny_shapes.data_name}_rnn_resnet18")
+    csv_path = run_log.metrics_csv_path(str(tmp_path), f"{tiny_shapes.data_name}_rnn_resnet18")
+
+    def epoch_then_break_the_logs(self, history):
+        real_epoch(self, history)
+        if history["epoch"] == [0]:
+            shutil.rmtree(events)
+            open(events, "w").close()
+            os.remove(csv_path)
+            os.mkdir(csv_path)
+    monkeypatch.setattr(run_log.RunLog, "epoch", epoch_then_break_the_logs)
+    result = solver.train(fault_cfg(tiny_shapes, tmp_path, epochs=3))
+    assert load_checkpoint(result["last_checkpoint"])["history"]["epoch"] == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert err.count("note: the TensorBoard events of this run in") == 1 and err.count("note: the metrics CSV") == 1
+    assert "Traceback" not in err and ".tmp" not in err
+    assert temp_files(tmp_path) == []
+
+
+def make_read_only(folder):
+    """Make `folder` unwritable, for root too (chattr +i, where chmod does not stop root); returns the undo.
+    Skips the test where neither works."""
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        return lambda: os.chmod(folder, 0o755)
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("root cannot make a folder read-only here (no chattr +i)")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_an_output_folder_made_read_only_names_the_checkpoint_not_written(tiny_shapes, tmp_path, monkeypatch, capsys):
+    """After epoch 0 the output folder becomes read-only: epoch 1 trains, its checkpoint cannot be written, and the
+    error says so (which file, why, what is intact), not that the lock file could not be removed."""
+    import run_log
+
+    out = tmp_path / "out"
+    real_epoch, undo = run_log.RunLog.epoch, []
+
+    def epoch_then_read_only(self, history):
+        real_epoch(self, history)
+        if history["epoch"] == [0]:
+            undo.append(make_read_only(out))
+    monkeypatch.setattr(run_log.RunLog, "epoch", epoch_then_read_only)
+    try:
+        with pytest.raises(ToolkitError) as raised:
+            solver.train(fault_cfg(tiny_shapes, out, epochs=3))
+    finally:
+        for step in undo:
+            step()
+    last = str(out / f"checkpoint_{tiny_shapes.data_name}_rnn_resnet18.pth.tar")
+    message = str(raised.value)
+    assert message.startswith("epoch 1's checkpoint could not be written to ") and "PermissionError" in message
+    assert f"{last!r}, is intact" in message and f"resume from it (--checkpoint {last})" in message
+    assert ".tmp" not in message and "lock" not in message
+    assert "note: cannot remove the lock file" in capsys.readouterr().err
+    assert load_checkpoint(last)["epoch"] == 0
+    assert temp_files(out) == []
 
 
 def test_ctrl_c_says_how_to_resume(tiny_shapes, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,9 @@
 """Curves while a run trains: the metrics CSV and the TensorBoard events, written each epoch and read back."""
 import math
 import os
+import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -96,3 +98,63 @@ def test_a_broken_csv_is_refused_with_its_name(tmp_path):
         read_metrics_csv(str(path))
     with pytest.raises(utils.ToolkitError, match="missing.metrics.csv"):
         read_metrics_csv(str(tmp_path / "missing.metrics.csv"))
+
+
+# ---------------------------------------------------------------- a log that cannot be written never stops a run
+
+def replace_by_file(path):
+    shutil.rmtree(path)
+    open(path, "w").close()
+
+
+def replace_by_folder(path):
+    os.remove(path)
+    os.mkdir(path)
+
+
+def event_file(folder):
+    return os.path.join(folder, next(name for name in os.listdir(folder) if name.startswith("events.")))
+
+
+@pytest.mark.parametrize("sabotage", ["run folder replaced by a file", "event file replaced by a folder",
+                                      "run folder read-only"])
+def test_events_that_cannot_be_written_are_noted_once_and_skipped(tmp_path, capsys, sabotage):
+    if sabotage.endswith("read-only") and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    folder = str(tmp_path / "checkpoints")
+    events = os.path.join(folder, "tensorboard", "run")
+    log = RunLog(folder, "run")
+    log.step(0, {"train/loss": 1.0})
+    log.epoch(history_after(1))
+    if sabotage == "run folder replaced by a file":
+        replace_by_file(events)
+    elif sabotage == "event file replaced by a folder":
+        replace_by_folder(event_file(events))
+    else:
+        os.chmod(event_file(events), 0o444)
+        os.chmod(events, 0o555)
+    for epoch in (1, 2):
+        for step in range(3):
+            log.step(epoch * 3 + step, {"train/loss": 1.0})
+            time.sleep(0.05)  # the writer's thread meets the failure on its own
+        log.epoch(history_after(epoch + 1))
+    log.close()
+    err = capsys.readouterr().err
+    assert err.count("note: the TensorBoard events of this run in") == 1 and repr(events) in err, err
+    assert "Traceback" not in err and "Exception in thread" not in err
+    assert read_metrics_csv(os.path.join(folder, "run.metrics.csv"))["epoch"] == [0, 1, 2]  # the CSV goes on
+
+
+def test_a_metrics_csv_that_cannot_be_written_is_noted_once_and_skipped(tmp_path, capsys):
+    folder = str(tmp_path / "checkpoints")
+    csv_path = os.path.join(folder, "run.metrics.csv")
+    with RunLog(folder, "run") as log:
+        log.epoch(history_after(1))
+        replace_by_folder(csv_path)
+        log.epoch(history_after(2))
+        log.epoch(history_after(3))
+    err = capsys.readouterr().err
+    assert err.count("note: the metrics CSV") == 1 and f"{csv_path!r} cannot be written (IsADirectoryError" in err
+    assert ".tmp" not in err
+    assert sorted(os.listdir(folder)) == ["run.metrics.csv", "tensorboard"]  # no temporary file left
+    assert sorted(scalars(os.path.join(folder, "tensorboard", "run"), "epoch/val_bleu4")) == [1, 2, 3]  # events go on

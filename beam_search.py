@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models import RowLayout, select_rows
+from models import select_rows
 
 
 @dataclass
@@ -41,13 +41,9 @@ def expand_start(decoder, encoder_out, beams):
     return memory, select_rows(state, index)
 
 
-def step_log_probs(decoder, words, memory, state, layout=None):
-    """Feed the previous words (N,); return log-probabilities (N, V), the new state, attention.
-
-    A decoder that does not handle a RowLayout gets a copy of its image's memory row for each state row."""
-    if layout is not None and not decoder.handles_layout:
-        memory, layout = select_rows(memory, layout.image), None
-    preds, state, attention = decoder.one_step(decoder.embedding(words), memory, state, layout)
+def step_log_probs(decoder, words, memory, state):
+    """Feed the previous words (N,); return log-probabilities (N, V), the new state, attention."""
+    preds, state, attention = decoder.one_step(decoder.embedding(words), memory, state)
     return F.log_softmax(preds, dim=1), state, attention
 
 
@@ -93,32 +89,30 @@ def beam_search_one(decoder, encoder_out, start_id, end_id, beam_size=3, max_ste
 def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=50):
     """Batched beam search: encoder_out (B, G, G, C) or (B, P, C) -> list of B Captions.
 
-    The running beams of all images are the rows of one batch, image after image, each image's in
-    score order (a RowLayout tells the decoder which image each row reads). A beam that completes
-    leaves the batch, and so does an image whose search ended: no step computes a dead beam.
+    Every image searching has k rows of the batch, image after image (its k consecutive state rows share its
+    memory row): its running beams first, in score order, then masked slots, whose score is -inf so that they
+    never give a candidate (at the first step all but the first beam are masked, as the course expands only
+    the first). A beam that completes masks its slot; an image whose search ended leaves the batch.
     """
     k, device = beam_size, encoder_out.device
-    encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
-    memory, state = decoder.start(encoder_out)  # one row per image: its first beam
-    batch = encoder_out.size(0)
-    layout = RowLayout(torch.arange(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device), 1)
-    prev_words = torch.full((batch,), start_id, dtype=torch.long, device=device)  # (N,) one per running beam
-    seqs = prev_words.unsqueeze(1)  # (N, t)
-    row_scores = torch.zeros(batch, device=device)  # (N,)
-    trail = None  # (N, t, P)
-    beams_left = torch.full((batch,), k, dtype=torch.long, device=device)
+    memory, state = expand_start(decoder, encoder_out, k)  # k state rows per image
+    batch = state[0].size(0) // k
+    prev_words = torch.full((batch * k,), start_id, dtype=torch.long, device=device)  # (B k,)
+    seqs = prev_words.unsqueeze(1)  # (B k, t)
     rank = torch.arange(k, device=device)
+    beams_left = torch.full((batch,), k, dtype=torch.long, device=device)
+    row_scores = torch.zeros(batch, k, device=device).masked_fill(rank > 0, float("-inf"))  # (B, k)
+    trail = None  # (B k, t, P)
     image_ids = torch.arange(batch, device=device)  # original index of each image still searching
     best = [None] * batch  # (score, words, attention) of the best complete caption per image
     for step in range(1, max_steps + 1):
-        log_probs, state, attention = step_log_probs(decoder, prev_words, memory, state, layout)
+        log_probs, state, attention = step_log_probs(decoder, prev_words, memory, state)
         images, vocab_size = beams_left.size(0), log_probs.size(1)
-        # Each image's candidates: its beams' scores plus each next word, -inf in its empty slots.
-        scores = layout.pad(row_scores.unsqueeze(1) + log_probs, images, float("-inf"))  # (B * width, V)
+        # Each image's candidates: its beams' scores plus each next word, -inf from its masked slots.
+        scores = row_scores.view(-1, 1) + log_probs  # (B k, V)
         top_scores, top_index = scores.view(images, -1).topk(k, dim=1)  # (B, k), sorted
         next_word = top_index % vocab_size
-        rows = layout.pad(torch.arange(len(prev_words), device=device), images).view(images, -1)  # (B, width)
-        source = rows.gather(1, top_index // vocab_size)  # (B, k): the row each candidate extends
+        source = top_index // vocab_size + k * torch.arange(images, device=device).unsqueeze(1)  # (B, k) rows
         seqs = torch.cat([seqs[source], next_word.unsqueeze(2)], dim=2)  # (B, k, t + 1)
         if attention is not None:
             trail = attention[source].unsqueeze(2) if trail is None else torch.cat(
@@ -133,15 +127,19 @@ def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=5
             record_unfinished(best, top_scores.masked_fill(~running, float("-inf")), seqs, trail, image_ids)
             break
         searching = beams_left > 0
-        new_image = searching.cumsum(0) - 1  # index of each image among those still searching
-        image, beam = running.nonzero(as_tuple=True)  # the new rows, image after image, in score order
-        layout = RowLayout(new_image[image], (running.cumsum(1) - 1)[image, beam], int(beams_left.max()))
-        state = select_rows(state, source[image, beam])
-        prev_words, seqs, row_scores = next_word[image, beam], seqs[image, beam], top_scores[image, beam]
-        trail = None if trail is None else trail[image, beam]
-        if not searching.all():  # drop images whose search ended
+        if not searching.all():  # drop images whose search ended: the others keep k rows each
             keep = searching.nonzero().flatten()
             memory, beams_left, image_ids = select_rows(memory, keep), beams_left[keep], image_ids[keep]
+            running, source, next_word, top_scores, seqs = select_rows((running, source, next_word, top_scores,
+                                                                        seqs), keep)
+            trail = None if trail is None else trail[keep]
+        # the running beams first, in score order (a stable sort), then the masked slots
+        order = (~running).to(torch.uint8).argsort(dim=1, stable=True)  # (B', k)
+        image = torch.arange(order.size(0), device=device).unsqueeze(1)  # (B', 1)
+        state = select_rows(state, source.gather(1, order).flatten())
+        prev_words, seqs = next_word.gather(1, order).flatten(), seqs[image, order].flatten(0, 1)
+        row_scores = top_scores.gather(1, order).masked_fill(rank >= beams_left.unsqueeze(1), float("-inf"))
+        trail = None if trail is None else trail[image, order].flatten(0, 1)
     return [make_caption(decoder, words.tolist(), score, None if attention is None else attention.cpu())
             for score, words, attention in best]
 

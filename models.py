@@ -16,10 +16,9 @@ Every decoder exposes the same step interface, used by teacher forcing (forward)
 `memory` (what the decoder reads from the image) and `state` (the LSTM's; the Transformer's keys
 and values of the words so far) are tuples of tensors whose first dimension is the batch, so callers
 can slice, expand or reorder them without knowing what they hold. `state` may hold several rows
-per `memory` row instead of copies of the memory: k consecutive rows per memory row (beam search of
-one image), or, for the decoders whose `handles_layout` is True, any number per image, described by
-a RowLayout passed as one_step's `layout` (batched beam search, where images keep different numbers
-of beams).
+per `memory` row instead of copies of the memory: k consecutive rows per memory row (the k beams of an
+image in beam search, its n samples in sampling); callers that stop computing some rows mask them
+rather than change this layout.
 
 Teacher forcing (forward) steps through the positions with `step`; the LSTM decoders (RecurrentDecoder)
 run only their recurrence there and their output layer once over every position after the loop, and the
@@ -27,8 +26,6 @@ Transformer decodes all positions in one causal pass.
 """
 import itertools
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,8 +95,6 @@ class CaptionDecoder(nn.Module):
     has_sentinel = False
     #: the doubly stochastic attention regularisation (cfg alpha_c) applies to this decoder's alphas
     attention_regularization = False
-    #: one_step accepts a RowLayout; otherwise batched beam search gives it copies of the memory rows
-    handles_layout = True
     #: its learning rate needs a warm-up (cfg lr_warmup_steps)
     lr_warmup = False
 
@@ -129,15 +124,15 @@ class CaptionDecoder(nn.Module):
         """(B, P, C) encodings -> (memory, state) tuples for the first decoding step."""
         raise NotImplementedError
 
-    def one_step(self, embeddings, memory, state, layout=None):
-        """One decoding step: (N, E) embeddings -> (N, V) scores, new state, attention or None. `layout` (a
-        RowLayout) says which memory row each state row reads when that is not k consecutive rows."""
+    def one_step(self, embeddings, memory, state):
+        """One decoding step: (N, E) embeddings -> (N, V) scores, new state, attention or None. The N state rows
+        are k consecutive rows per memory row (N = k B)."""
         raise NotImplementedError
 
-    def step(self, embeddings, memory, state, layout=None):
+    def step(self, embeddings, memory, state):
         """What the teacher-forced loop runs at each position: one_step, whose outputs are the scores. A
         RecurrentDecoder runs only its recurrence here and its output layer once after the loop."""
-        return self.one_step(embeddings, memory, state, layout)
+        return self.one_step(embeddings, memory, state)
 
     def scores(self, outputs):
         """The word scores of the step outputs of every position, once after the teacher-forced loop."""
@@ -201,7 +196,7 @@ class RecurrentDecoder(CaptionDecoder):
     `fc(dropout(outputs))`, that no later step needs: the teacher-forced pass runs the output layer once over
     every position, one large matrix product instead of one per position."""
 
-    def step(self, embeddings, memory, state, layout=None):
+    def step(self, embeddings, memory, state):
         """The recurrence of one decoding step: (N, E) embeddings -> (N, D) outputs that the output layer reads,
         new state, attention or None."""
         raise NotImplementedError
@@ -210,8 +205,8 @@ class RecurrentDecoder(CaptionDecoder):
         """(..., D) step outputs -> (..., V) word scores: dropout, then the output layer."""
         return self.fc(self.dropout(outputs))
 
-    def one_step(self, embeddings, memory, state, layout=None):
-        outputs, state, attention = self.step(embeddings, memory, state, layout)
+    def one_step(self, embeddings, memory, state):
+        outputs, state, attention = self.step(embeddings, memory, state)
         return self.scores(outputs), state, attention
 
 
@@ -245,7 +240,7 @@ class DecoderWithRNN(RecurrentDecoder):
         h, c = self.decode_step(image_input)  # zero initial state
         return (), (h, c)
 
-    def step(self, embeddings, memory, state, layout=None):
+    def step(self, embeddings, memory, state):
         h, c = self.decode_step(embeddings, state)
         return h, (h, c), None
 
@@ -264,75 +259,25 @@ class DecoderWithRNN(RecurrentDecoder):
         return predictions, None
 
 
-SCORE_CHUNK_ELEMENTS = 2 ** 20  # 4 MB of float32: the (rows, P, A) sum of additive attention, a chunk at a time
-
-
-@dataclass(frozen=True)
-class RowLayout:
-    """Which memory row each state row reads when images have different numbers of state rows: row n
-    belongs to image `image[n]` and sits at `slot[n]` of that image's `width` slots (rows of one image
-    are consecutive; shared-memory operations run on the (images * width) padded layout)."""
-    image: torch.Tensor  # (N,)
-    slot: torch.Tensor  # (N,)
-    width: int
-
-    def pad(self, rows, images, fill=0.0):
-        """(N, ...) -> (images * width, ...): each row at its image's slot, `fill` in the empty slots."""
-        padded = rows.new_full((images, self.width, *rows.shape[1:]), fill)
-        padded[self.image, self.slot] = rows
-        return padded.flatten(0, 1)
-
-    def unpad(self, padded):
-        """(images * width, ...) -> (N, ...): the rows back from their slots."""
-        return padded.view(-1, self.width, *padded.shape[1:])[self.image, self.slot]
-
-
-def rows_of_memory(memory_tensor, state_tensor, layout):
-    """memory_tensor (B, ...) repeated for each state row: (N, ...); without a layout each memory row
-    serves N / B consecutive state rows (1 in training, k in the one-image beam search)."""
-    if layout is not None:
-        return memory_tensor[layout.image]
+def rows_of_memory(memory_tensor, state_tensor):
+    """memory_tensor (B, ...) repeated for each state row: (N, ...); each memory row serves N / B consecutive
+    state rows (1 in training, k beams or n samples of an image in decoding)."""
     return memory_tensor.repeat_interleave(state_tensor.size(0) // memory_tensor.size(0), dim=0)
 
 
-def pool_memory(weights, memory, layout=None):
-    """Weighted sums of memory rows shared by k consecutive weight rows: (B * k, P), (B, P, C) -> (B * k, C);
-    with a layout, (N, P) weights laid out by it -> (N, C)."""
+def pool_memory(weights, memory):
+    """Weighted sums of memory rows shared by k consecutive weight rows: (B * k, P), (B, P, C) -> (B * k, C)."""
     images, regions, channels = memory.shape
-    if layout is not None:
-        return layout.unpad(pool_memory(layout.pad(weights, images), memory))
     return torch.bmm(weights.reshape(images, -1, regions), memory).view(-1, channels)  # via (B, k, C)
 
 
-def additive_scores(score_layer, projected_memory, projected_query, activation_, layout=None):
+def additive_scores(score_layer, projected_memory, projected_query, activation_):
     """score_layer(activation_(projected_memory + projected_query)), the memory shared by k queries:
-    (B, P, A) memory, (B * k, A) queries -> (B * k, P) scores; with a layout, (N, A) queries -> (N, P).
-
-    Without autograd on the CPU (beam search, validation) the (B, k, P, A) sum, the largest tensor of
-    a decoding step, is built a few images at a time in one reused buffer: allocating a fresh one at
-    every step costs more in page faults than the arithmetic (measured on 2 cores for 150 x 196 x 512:
-    about 30 ms per step against 4.5 ms). `activation_` is in-place (torch.relu_, torch.tanh_).
-    """
+    (B, P, A) memory, (B * k, A) queries -> (B * k, P) scores. `activation_` is in-place (torch.relu_,
+    torch.tanh_): it runs on the fresh (B, k, P, A) sum."""
     images, regions, dim = projected_memory.shape
-    if layout is not None:
-        padded_query = layout.pad(projected_query, images)
-        return layout.unpad(additive_scores(score_layer, projected_memory, padded_query, activation_))
-    queries = projected_query.view(images, -1, 1, dim)  # (B, k, 1, A)
-    if torch.is_grad_enabled() or projected_memory.device.type != "cpu":
-        summed = activation_(projected_memory.unsqueeze(1) + queries)  # (B, k, P, A)
-        return score_layer(summed).view(-1, regions)
-    beams = queries.size(1)
-    step = max(1, SCORE_CHUNK_ELEMENTS // (beams * regions * dim))  # images per chunk
-    buffer = projected_memory.new_empty(min(step, images), beams, regions, dim)
-    scores = projected_memory.new_empty(images, beams, regions)
-    for start in range(0, images, step):
-        stop = min(start + step, images)
-        chunk = torch.add(projected_memory[start:stop].unsqueeze(1), queries[start:stop],
-                          out=buffer[:stop - start])
-        activation_(chunk)
-        torch.addmm(score_layer.bias, chunk.view(-1, dim), score_layer.weight.t(),
-                    out=scores[start:stop].view(-1, 1))
-    return scores.view(-1, regions)
+    summed = activation_(projected_memory.unsqueeze(1) + projected_query.view(images, -1, 1, dim))  # (B, k, P, A)
+    return score_layer(summed).view(-1, regions)
 
 
 class Attention(nn.Module):
@@ -348,12 +293,12 @@ class Attention(nn.Module):
         """(B, P, C) encodings, (B, D) hidden state -> weighted encoding (B, C), alpha (B, P)."""
         return self.attend(self.encoder_att(encoder_out), encoder_out, decoder_hidden)
 
-    def attend(self, projected_encoder, encoder_out, decoder_hidden, layout=None):
+    def attend(self, projected_encoder, encoder_out, decoder_hidden):
         """Like forward, with encoder_att(encoder_out) (B, P, A) computed once per image by the caller;
-        decoder_hidden may hold several rows per image (k consecutive, or by `layout`): (N, D) -> (N, C), (N, P)."""
+        decoder_hidden may hold k consecutive rows per image: (N, D) -> (N, C), (N, P)."""
         att2 = self.decoder_att(decoder_hidden)  # (N, A)
-        alpha = F.softmax(additive_scores(self.att, projected_encoder, att2, torch.relu_, layout), dim=1)  # (N, P)
-        return pool_memory(alpha, encoder_out, layout), alpha
+        alpha = F.softmax(additive_scores(self.att, projected_encoder, att2, torch.relu_), dim=1)  # (N, P)
+        return pool_memory(alpha, encoder_out), alpha
 
 
 class DecoderWithAttention(RecurrentDecoder):
@@ -379,10 +324,10 @@ class DecoderWithAttention(RecurrentDecoder):
         memory = (encoder_out, self.attention.encoder_att(encoder_out))  # (B, P, C), (B, P, A)
         return memory, state
 
-    def step(self, embeddings, memory, state, layout=None):
+    def step(self, embeddings, memory, state):
         encoder_out, projected_encoder = memory
         h, c = state
-        weighted_encoding, alpha = self.attention.attend(projected_encoder, encoder_out, h, layout)
+        weighted_encoding, alpha = self.attention.attend(projected_encoder, encoder_out, h)
         gate = torch.sigmoid(self.f_beta(h))  # (N, C)
         h, c = self.decode_step(torch.cat([embeddings, gate * weighted_encoding], dim=1), (h, c))
         return h, (h, c), alpha
@@ -420,20 +365,20 @@ class DecoderWithAdaptiveAttention(RecurrentDecoder):
         zeros = global_feature.new_zeros(encoder_out.size(0), self.decoder_dim)
         return memory, (zeros, zeros)
 
-    def step(self, embeddings, memory, state, layout=None):
+    def step(self, embeddings, memory, state):
         regions, projected_regions, global_feature = memory  # (B, P, D), (B, P, A), (B, D)
-        h_prev, c_prev = state  # (N, D), several rows per image in beam search
-        global_feature = rows_of_memory(global_feature, h_prev, layout)  # (N, D)
+        h_prev, c_prev = state  # (N, D), k consecutive rows per image in beam search
+        global_feature = rows_of_memory(global_feature, h_prev)  # (N, D)
         x = torch.cat([embeddings, global_feature], dim=1)  # (N, E + D)
         h, c = self.decode_step(x, (h_prev, c_prev))
         sentinel_gate = torch.sigmoid(self.sentinel_input(x) + self.sentinel_hidden(h_prev))
         sentinel = sentinel_gate * torch.tanh(c)  # s_t (N, D)
         projected_hidden = self.hidden_att(h)  # W_g h_t (N, A)
-        region_scores = additive_scores(self.att, projected_regions, projected_hidden, torch.tanh_, layout)  # (N, P)
+        region_scores = additive_scores(self.att, projected_regions, projected_hidden, torch.tanh_)  # (N, P)
         sentinel_score = self.att(torch.tanh(self.sentinel_att(sentinel) + projected_hidden))  # (N, 1)
         alpha_hat = F.softmax(torch.cat([region_scores, sentinel_score], dim=1), dim=1)  # (N, P + 1)
         # c^_t = beta s_t + (1 - beta) c_t = sum_i alpha_hat_i v_i + beta s_t
-        context = pool_memory(alpha_hat[:, :-1], regions, layout) + alpha_hat[:, -1:] * sentinel  # (N, D)
+        context = pool_memory(alpha_hat[:, :-1], regions) + alpha_hat[:, -1:] * sentinel  # (N, D)
         return context + h, (h, c), alpha_hat
 
 
@@ -505,10 +450,10 @@ class TransformerCaptionLayer(nn.Module):
         keys, values = self.cross_kv(grid).chunk(2, dim=2)
         return split_heads(keys, self.heads), split_heads(values, self.heads)
 
-    def forward(self, x, past_keys, past_values, memory_keys, memory_values, need_weights=False, layout=None):
+    def forward(self, x, past_keys, past_values, memory_keys, memory_values, need_weights=False):
         """x (N, T, D): the T positions after the t cached ones, whose keys and values are past_keys and
         past_values (N, H, t, D / H); memory keys and values (B, H, P, D / H), each row shared by N / B
-        consecutive rows of x, or by the rows a RowLayout assigns it. Returns x (N, T, D), the keys and values
+        consecutive rows of x. Returns x (N, T, D), the keys and values
         of all t + T positions, and the cross-attention weights averaged over the heads (N, T, P) if
         `need_weights`, else None."""
         dropout_p = self.dropout_p if self.training else 0.0
@@ -521,11 +466,7 @@ class TransformerCaptionLayer(nn.Module):
         attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p)
         x = x + self.dropout(self.self_out(merge_heads(attended)))
         queries = split_heads(self.cross_query(self.cross_norm(x)), self.heads)  # (N, H, T, Dh)
-        if layout is not None:  # each image's rows in its `width` slots: (B * width, H, T, Dh)
-            queries = layout.pad(queries, memory_keys.size(0))
         attended, weights = cross_attention(queries, memory_keys, memory_values, need_weights, dropout_p)
-        if layout is not None:  # back to the N rows
-            attended, weights = layout.unpad(attended), None if weights is None else layout.unpad(weights)
         x = x + self.dropout(self.cross_out(merge_heads(attended)))
         x = x + self.dropout(self.ff(self.ff_norm(x)))
         return x, keys, values, weights
@@ -549,7 +490,6 @@ class DecoderWithTransformer(CaptionDecoder):
     """
 
     has_attention = True
-    handles_layout = True
     lr_warmup = True
 
     #: cfg key -> constructor argument (embed_dim is not used: the embeddings are decoder_dim wide)
@@ -590,9 +530,9 @@ class DecoderWithTransformer(CaptionDecoder):
         no_words = grid.new_zeros(grid.size(0), self.heads, 0, self.decoder_dim // self.heads)  # (B, H, 0, Dh)
         return memory, (no_words,) * len(memory)
 
-    def one_step(self, embeddings, memory, state, layout=None):
+    def one_step(self, embeddings, memory, state):
         x = self.embed_positions(embeddings.unsqueeze(1), state[0].size(2))  # (N, 1, D)
-        scores, state, attention = self.run_layers(x, memory, state, layout)
+        scores, state, attention = self.run_layers(x, memory, state)
         return scores[:, 0], state, attention[:, 0]  # (N, V), state, (N, P)
 
     def decode_teacher_forced(self, embeddings, memory, state, decode_lengths):
@@ -610,14 +550,13 @@ class DecoderWithTransformer(CaptionDecoder):
         positions = sinusoidal_positions(start, embeddings.size(1), self.decoder_dim, embeddings.device)
         return self.dropout(embeddings * math.sqrt(self.decoder_dim) + positions.to(embeddings.dtype))
 
-    def run_layers(self, x, memory, state, layout=None):
+    def run_layers(self, x, memory, state):
         """(N, T, D) inputs after the cached positions -> scores (N, T, V), the grown cache, and the last
         layer's cross-attention averaged over the heads (N, T, P)."""
         new_state = []
         for index, layer in enumerate(self.layers):
             x, keys, values, attention = layer(x, state[2 * index], state[2 * index + 1], memory[2 * index],
-                                               memory[2 * index + 1], need_weights=index == len(self.layers) - 1,
-                                               layout=layout)
+                                               memory[2 * index + 1], need_weights=index == len(self.layers) - 1)
             new_state += [keys, values]
         return self.fc(self.final_norm(x)), tuple(new_state), attention
 
@@ -625,7 +564,7 @@ class DecoderWithTransformer(CaptionDecoder):
 # ---------------------------------------------------------------- the registry of decoders
 # cfg["decoder"] -> class. A new decoder is a CaptionDecoder subclass above and one entry here: training,
 # beam search, sampling, test and caption follow what the class declares (has_attention, has_sentinel,
-# attention_regularization, handles_layout, lr_warmup), never its name.
+# attention_regularization, lr_warmup), never its name.
 DECODERS = {
     "rnn": DecoderWithRNN,
     "attention": DecoderWithAttention,

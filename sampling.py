@@ -2,17 +2,16 @@
 
 Both decode through the decoders' common step interface (models.py), so they work for every decoder:
     memory, state = decoder.start(encoder_out)
-    preds, state, attention = decoder.one_step(embeddings, memory, state, layout)
-The n samples of an image are n consecutive state rows sharing the image's one memory row; a caption
-that has ended leaves the batch, and a RowLayout then tells the decoder which image each running row
-reads (as in batched beam search).
+    preds, state, attention = decoder.one_step(embeddings, memory, state)
+The n samples of an image are n consecutive state rows sharing the image's one memory row; every row runs
+every step, and a caption that has ended is masked (no word, log-probability or draw of its own after <end>).
 """
 from dataclasses import dataclass
 
 import torch
 
 from beam_search import step_log_probs
-from models import RowLayout, select_rows
+from models import select_rows
 
 
 @dataclass
@@ -43,48 +42,28 @@ def sample_captions(decoder, encoder_out, n, start_id, end_id, max_steps=50, gre
         raise ValueError(f"sampling needs n >= 1 captions per image and max_steps >= 1, got n={n}, "
                          f"max_steps={max_steps}")
     encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
-    image_memory, state = decoder.start(encoder_out)  # one memory row per image
-    memory = image_memory
+    memory, state = decoder.start(encoder_out)  # one memory row per image
     images, device = encoder_out.size(0), encoder_out.device
     image = torch.arange(images, device=device).repeat_interleave(n)  # (B * n,)
-    state = select_rows(state, image)
-    rows = torch.arange(len(image), device=device)  # (R,): the rows still running, no <end> yet
-    layout = None  # while every row runs: n consecutive rows per memory row
-    words = torch.full_like(image, start_id)  # (R,)
+    state = select_rows(state, image)  # n consecutive state rows per memory row
+    going = torch.ones_like(image, dtype=torch.bool)  # (B * n,): the rows with no <end> yet
+    words = torch.full_like(image, start_id)  # (B * n,)
     chosen_words, chosen_log_probs, masks = [], [], []  # one (B * n,) tensor per step
     for _ in range(max_steps):
-        log_probs, state, _ = step_log_probs(decoder, words, memory, state, layout)  # (R, V)
-        words = log_probs.argmax(dim=1) if greedy else draw_words(log_probs.detach(), generator)
-        word_log_probs = log_probs.gather(1, words.unsqueeze(1)).squeeze(1)  # (R,)
-        chosen_words.append(image.new_zeros(len(image)).index_copy(0, rows, words))
-        chosen_log_probs.append(log_probs.new_zeros(len(image)).index_copy(0, rows, word_log_probs))
-        masks.append(torch.zeros_like(image, dtype=torch.bool).index_fill(0, rows, True))
-        going = words != end_id
+        log_probs, state, _ = step_log_probs(decoder, words, memory, state)  # (B * n, V)
+        if greedy:
+            words = log_probs.argmax(dim=1).masked_fill_(~going, 0)
+        else:  # draws for the running rows only, in row order: the draws do not depend on the ended rows
+            words = image.new_zeros(len(image)).masked_scatter_(going, draw_words(log_probs.detach()[going], generator))
+        word_log_probs = log_probs.gather(1, words.unsqueeze(1)).squeeze(1).masked_fill(~going, 0.0)  # (B * n,)
+        chosen_words.append(words)
+        chosen_log_probs.append(word_log_probs)
+        masks.append(going)
+        going = going & (words != end_id)
         if not going.any():
             break
-        if not going.all():  # ended rows leave the batch: no later step computes them
-            rows, words, state = rows[going], words[going], select_rows(state, going)
-            memory, layout = running_inputs(decoder, image_memory, image[rows], images)
     return Samples(torch.stack(chosen_words, dim=1), torch.stack(chosen_log_probs, dim=1),
                    torch.stack(masks, dim=1), image)
-
-
-def running_inputs(decoder, image_memory, image_of_row, images):
-    """The memory and layout one_step reads for the running rows (R,) of images `image_of_row` (sorted):
-    each image's memory row and a RowLayout, or, for a decoder that declares it handles no layout
-    (handles_layout = False), a copy of its image's memory row for each running row."""
-    if getattr(decoder, "handles_layout", True):
-        return image_memory, running_layout(image_of_row, images)
-    return select_rows(image_memory, image_of_row), None
-
-
-def running_layout(image_of_row, images):
-    """The RowLayout of running rows (R,) given their images, sorted: each row's slot is its rank among its
-    image's running rows."""
-    counts = torch.bincount(image_of_row, minlength=images)  # (B,)
-    first_row = counts.cumsum(0) - counts  # (B,)
-    slot = torch.arange(len(image_of_row), device=image_of_row.device) - first_row[image_of_row]
-    return RowLayout(image_of_row, slot, int(counts.max()))
 
 
 def draw_words(log_probs, generator=None):

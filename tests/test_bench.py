@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import bench
 from benchmarks.coco_sized import random_captions
 from benchmarks.common import BATCH_SIZE, QUICK, coco_projection
 from benchmarks.encoder import backbone_table

@@ -28,7 +28,7 @@ class MeanGRUDecoder(models.CaptionDecoder):
     def start(self, encoder_out):
         return (), (torch.tanh(self.init_h(encoder_out.mean(dim=1))),)  # memory: nothing; state: h (B, D)
 
-    def one_step(self, embeddings, memory, state, layout=None):
+    def one_step(self, embeddings, memory, state):
         h = self.cell(embeddings, state[0])
         return self.fc(self.dropout(h)), (h,), None
 

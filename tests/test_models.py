@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-import models
-from models import Attention, DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN, additive_scores
+from models import Attention, DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN
 
 VOCAB, CHANNELS = 20, 16
 
@@ -26,20 +25,6 @@ def test_attention_weights_sum_to_one():
     torch.testing.assert_close(weighted, (encoder_out * alpha.unsqueeze(2)).sum(dim=1))
 
 
-@pytest.mark.parametrize("activation_", [torch.relu_, torch.tanh_])
-def test_chunked_scores_without_autograd_equal_the_autograd_path(activation_, monkeypatch):
-    """5 images x 3 beams; chunks of 2 images (the last one short) against the one-piece computation."""
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(10, 1)
-    memory, queries = torch.randn(5, 9, 10), torch.randn(15, 10)  # (B, P, A), (B * k, A)
-    expected = layer(activation_(memory.repeat_interleave(3, dim=0) + queries.unsqueeze(1))).squeeze(2)
-    monkeypatch.setattr(models, "SCORE_CHUNK_ELEMENTS", 2 * 3 * 9 * 10)
-    with torch.no_grad():
-        chunked = additive_scores(layer, memory, queries, activation_)
-    torch.testing.assert_close(chunked, expected.detach())
-    torch.testing.assert_close(additive_scores(layer, memory, queries, activation_), expected)  # with autograd
-
-
 def test_attention_shares_one_memory_row_among_beams():
     """attend with k consecutive hidden rows per image equals attend on the memory repeated k times."""
     torch.manual_seed(0)
@@ -50,24 +35,6 @@ def test_attention_shares_one_memory_row_among_beams():
     repeated = attention.attend(attention.encoder_att(repeated_out), repeated_out, hidden)
     for got, want in zip(shared, repeated):
         torch.testing.assert_close(got, want)
-
-
-@pytest.mark.parametrize("decoder_class", [DecoderWithAttention, DecoderWithAdaptiveAttention])
-def test_a_step_with_a_row_layout_equals_the_step_on_copied_memory(decoder_class):
-    """Images with 2, 0 and 3 state rows reading their shared memory rows (batched beam search) give
-    what one copy of the memory per row gives."""
-    torch.manual_seed(0)
-    decoder = decoder_class(10, 8, 12, VOCAB, CHANNELS, dropout=0.0).eval()
-    memory, _ = decoder.start(torch.randn(3, 9, CHANNELS))
-    image, slot = torch.tensor([0, 0, 2, 2, 2]), torch.tensor([0, 1, 0, 1, 2])
-    state = (torch.randn(5, 12), torch.randn(5, 12))
-    words = decoder.embedding(torch.randint(4, VOCAB, (5,)))
-    with torch.no_grad():
-        shared = decoder.one_step(words, memory, state, models.RowLayout(image, slot, 3))
-        copied = decoder.one_step(words, tuple(m[image] for m in memory), state)
-    torch.testing.assert_close(shared[0], copied[0])  # scores
-    torch.testing.assert_close(shared[1], copied[1])  # state
-    torch.testing.assert_close(shared[2], copied[2])  # attention
 
 
 @pytest.mark.parametrize("decoder_class, attention_size", [

@@ -105,26 +105,25 @@ def test_greedy_equals_beam_search_with_one_beam(name):
         assert [START] + words[mask].tolist() == caption.words
 
 
-class AttentionWithoutLayout(DecoderWithAttention):
-    """A decoder that declares it handles no RowLayout: it must only ever get one."""
-    handles_layout = False
+class AttentionCountingRows(DecoderWithAttention):
+    """A decoder that checks each step gets every sample's row: n consecutive state rows per memory row."""
 
-    def one_step(self, embeddings, memory, state, layout=None):
-        assert layout is None and state[0].size(0) % memory[0].size(0) == 0
+    def one_step(self, embeddings, memory, state):
+        assert memory[0].size(0) == 4 and state[0].size(0) == embeddings.size(0) == 4 * 3
         return super().one_step(embeddings, memory, state)
 
 
-def test_a_decoder_without_layouts_gets_copies_of_the_memory_and_the_same_samples():
-    with_layout = make_decoder("attention")
-    without_layout = AttentionWithoutLayout(16, 16, 16, VOCAB, encoder_dim=ENCODER_DIM).eval()
-    without_layout.load_state_dict(with_layout.state_dict())
+def test_every_row_runs_every_step_and_ended_rows_are_masked():
+    plain = make_decoder("attention")
+    counting = AttentionCountingRows(16, 16, 16, VOCAB, encoder_dim=ENCODER_DIM).eval()
+    counting.load_state_dict(plain.state_dict())
     encoder_out = encodings()
     samples = [sample_captions(decoder, encoder_out, 3, START, END, max_steps=9,
-                               generator=torch.Generator().manual_seed(0)) for decoder in (with_layout, without_layout)]
+                               generator=torch.Generator().manual_seed(0)) for decoder in (plain, counting)]
     lengths = samples[1].mask.sum(dim=1)
-    assert lengths.min() < lengths.max()  # rows left the batch
+    assert lengths.min() < lengths.max()  # rows ended while others ran on
     assert torch.equal(samples[0].words, samples[1].words) and torch.equal(samples[0].mask, samples[1].mask)
-    torch.testing.assert_close(samples[1].log_probs, samples[0].log_probs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(samples[1].log_probs, samples[0].log_probs, rtol=0, atol=0)
 
 
 def test_drawn_words_follow_the_distribution_like_multinomial():

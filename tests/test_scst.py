@@ -27,14 +27,16 @@ def test_scst_starts_a_new_run_raises_its_reward_and_leaves_the_xe_checkpoints_a
     folder = os.path.dirname(xe_run["best_checkpoint"])
     before = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)
               if name.endswith(".pth.tar")}
-    result = solver.train(scst_cfg(tiny_shapes, folder, epochs=3, checkpoint=xe_run["best_checkpoint"]))
+    # 6 epochs: the reward of 24 images' samples is noisy from one epoch to the next
+    result = solver.train(scst_cfg(tiny_shapes, folder, epochs=6, checkpoint=xe_run["best_checkpoint"],
+                                   early_stop_patience=6))
     assert result["best_checkpoint"].endswith("_attention_resnet18_scst.pth.tar")
     for name, content in before.items():
         assert open(os.path.join(folder, name), "rb").read() == content, name
     history = result["history"]
-    assert history["epoch"] == [0, 1, 2]
-    assert history["train_reward"][-1] > history["train_reward"][0]
-    assert len(history["train_baseline"]) == len(history["val_cider"]) == 3
+    assert history["epoch"] == list(range(6))
+    assert sum(history["train_reward"][-2:]) / 2 > history["train_reward"][0]
+    assert len(history["train_baseline"]) == len(history["val_cider"]) == 6
     assert result["val_metric"] == "cider"
     saved = load_checkpoint(result["last_checkpoint"])
     assert saved["cfg"]["training"] == "scst" and saved["best_score"] == max(history["val_cider"])

@@ -1,5 +1,4 @@
 """The Transformer decoder: shapes, incremental decoding against the causal pass, learning, beam search, cfg."""
-import copy
 import functools
 
 import pytest
@@ -170,14 +169,9 @@ def briefly_trained():
     return decoder.eval(), encoder_out
 
 
-@pytest.mark.parametrize("handles_layout", [True, False])
 @pytest.mark.parametrize("beam_size", [1, 3, 5])
-def test_batched_beam_search_equals_one_image_beam_search(beam_size, handles_layout):
-    """With its RowLayout, and as a decoder that does not read one (beam_search then gives it a copy of its
-    image's memory row for each state row)."""
-    trained, encoder_out = briefly_trained()
-    decoder = copy.copy(trained)  # the cached decoder's weights, this test's declaration
-    decoder.handles_layout = handles_layout
+def test_batched_beam_search_equals_one_image_beam_search(beam_size):
+    decoder, encoder_out = briefly_trained()
     batched = beam_search(decoder, encoder_out, START, END, beam_size, max_steps=14)
     reference = [beam_search_one(decoder, encoder_out[i:i + 1], START, END, beam_size, max_steps=14)
                  for i in range(len(encoder_out))]
@@ -218,10 +212,9 @@ def test_transformer_refuses_a_width_its_heads_do_not_divide():
 
 
 def test_decoders_declare_their_behaviour():
-    declared = {cls: (cls.has_attention, cls.has_sentinel, cls.attention_regularization, cls.handles_layout,
-                      cls.lr_warmup)
+    declared = {cls: (cls.has_attention, cls.has_sentinel, cls.attention_regularization, cls.lr_warmup)
                 for cls in (DecoderWithRNN, DecoderWithAttention, DecoderWithAdaptiveAttention, DecoderWithTransformer)}
-    assert declared == {DecoderWithRNN: (False, False, False, True, False),
-                        DecoderWithAttention: (True, False, True, True, False),
-                        DecoderWithAdaptiveAttention: (True, True, False, True, False),
-                        DecoderWithTransformer: (True, False, False, True, True)}
+    assert declared == {DecoderWithRNN: (False, False, False, False),
+                        DecoderWithAttention: (True, False, True, False),
+                        DecoderWithAdaptiveAttention: (True, True, False, False),
+                        DecoderWithTransformer: (True, False, False, True)}

@@ -25,7 +25,7 @@ from images import normalize_images
 from models import Encoder
 
 COCO_EPOCH_CAPTIONS = 566_435  # Karpathy train + restval: 113,287 images, their 5 sampled captions
-RECOMMENDED_BATCH = 640  # captions (128 images x 5): the GPU recipe of the README
+RECOMMENDED_BATCH = 320  # captions (64 images x 5): the GPU recipe of the README
 RECOMMENDED_LR = 1.6e-3  # the decoder's learning rate at that batch
 ENCODER_BATCH = 128  # images per call of the inference encoder pass
 

@@ -177,6 +177,27 @@ def rank_pid(launcher_pid, rank):
     return None
 
 
+def kill_a_rank_after_the_first_epoch(cfg, metrics_csv, victim, settle_s=0.0):
+    """Train cfg under torchrun (2 processes); once the first epoch wrote `metrics_csv`, and `settle_s` later,
+    SIGKILL rank `victim`. Returns torchrun's exit code and output, which must come within 90 s of the kill."""
+    process = subprocess.Popen(torchrun_command(cfg), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not os.path.exists(metrics_csv):  # the first epoch is done: training runs
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+            time.sleep(0.1)
+        time.sleep(settle_s)
+        pid = rank_pid(process.pid, victim)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, output
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank's process through /proc")
 def test_a_killed_rank_ends_the_run_on_the_other_with_a_message_naming_it(runs, tmp_path):
     """An SCST run (sampling through the plain decoder, gradients all-reduced by hand) trains an epoch under
@@ -186,23 +207,8 @@ def test_a_killed_rank_ends_the_run_on_the_other_with_a_message_naming_it(runs, 
                   checkpoint=RunPaths(run_name(validate_cfg(dict(single))), single["output_folder"]).last,
                   cache_folder=single["cache_folder"])
     name = run_name(validate_cfg(dict(single))) + "_scst"
-    process = subprocess.Popen(torchrun_command(cfg), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        while not os.path.exists(tmp_path / f"{name}.metrics.csv"):  # the first epoch is done: training runs
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
-            time.sleep(0.2)
-        victim = rank_pid(process.pid, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        output, _ = process.communicate(timeout=90)
-        assert time.monotonic() - killed < 90
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode != 0
+    returncode, output = kill_a_rank_after_the_first_epoch(cfg, tmp_path / f"{name}.metrics.csv", 1)
+    assert returncode != 0
     assert "local_rank: 1" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
     # rank 0 says why it stopped: its collective failed, or torchrun's SIGTERM came first
     assert "error: rank 0 of 2 stopped: a collective failed" in output or "terminated (SIGTERM)" in output
@@ -220,20 +226,9 @@ def test_a_killed_rank_with_loader_workers_ends_the_other_with_one_line(tiny_sha
     batches through shared memory; the surviving rank still prints one line, and none of its workers a traceback."""
     cfg = ddp_cfg(tiny_shapes, tmp_path, epochs=1000, workers=1, batch_size=10)
     name = run_name(validate_cfg(dict(cfg)))
-    process = subprocess.Popen(torchrun_command(cfg), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        while not os.path.exists(tmp_path / f"{name}.metrics.csv"):  # the first epoch is done: training runs
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
-            time.sleep(0.1)
-        time.sleep(0.3)  # into the next epoch
-        os.kill(rank_pid(process.pid, victim), signal.SIGKILL)
-        output, _ = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode != 0
+    returncode, output = kill_a_rank_after_the_first_epoch(cfg, tmp_path / f"{name}.metrics.csv", victim,
+                                                           settle_s=0.3)  # into the next epoch
+    assert returncode != 0
     assert f"local_rank: {victim}" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
     # the ranks' output: before torchrun's summary of the failure, without torchrun's log lines
     before_torchrun = "\n".join(line for line in output.split("failed (exitcode")[0].splitlines()

@@ -7,6 +7,7 @@ atomically and read with `torch.load(..., weights_only=True)`, so loading one ca
 import dataclasses
 import io
 import os
+import re
 import zipfile
 
 import torch
@@ -90,8 +91,11 @@ def unloadable_message(path, error):
     if foreign:
         return (f"{path!r} is not a PyTorch file ({foreign}); pass a checkpoint_*.pth.tar or "
                 f"BEST_checkpoint_*.pth.tar file written by training")
-    return (f"{path!r} is not a checkpoint of this toolkit or is damaged; it cannot be loaded safely "
-            f"({error_summary(error)})")
+    refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # weights-only loading met a class or function
+    why = (f"it refers to {refused[1]}, which a checkpoint of this toolkit does not hold" if refused
+           else error_summary(error))
+    return (f"{path!r} is not a checkpoint of this toolkit or is damaged; it cannot be loaded safely ({why}). "
+            f"Pass a checkpoint_*.pth.tar or BEST_checkpoint_*.pth.tar file written by training")
 
 
 COURSE_MODULES = ("models.", "__main__.")  # the course's models.py, or its classes defined in a notebook
@@ -201,6 +205,8 @@ def check_checkpoint(checkpoint, path, needs=INFERENCE_KEYS):
 def check_resume_keys(checkpoint, path):
     """Refuse a checkpoint that lacks what a resume needs, naming the key and what the file seems to be, or
     whose entries are not what training writes (check_checkpoint)."""
+    if any(key not in checkpoint for key in INFERENCE_KEYS if key in RESUME_KEYS):
+        check_checkpoint(checkpoint, path, needs=RESUME_KEYS)  # no model in it: edited, damaged or foreign
     missing = [key for key in RESUME_KEYS if key not in checkpoint]
     if missing:
         seems = ("a checkpoint for test and caption only (no optimiser state)"

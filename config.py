@@ -134,7 +134,9 @@ def model_cfg_problem(cfg):
     what it should hold); None when every key has its schema's type and the keys that shape the models have
     values they can be built with."""
     for key, value in cfg.items():
-        types = CFG_SCHEMA[key][1]
+        default, types, _ = CFG_SCHEMA[key]
+        if value is default:  # a key upgrade_cfg added (data_folder and data_name default to None)
+            continue
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             allowed = " or ".join("None" if t is NONE else t.__name__ for t in types)
             return f"cfg[{key!r}] = {value!r} ({type(value).__name__})", f"a value of type {allowed}"

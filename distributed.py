@@ -67,7 +67,7 @@ class Ranks:
         if device.type == "cuda":
             # Every rank of the node refuses (not only those without a GPU, while the others wait in
             # init_process_group): LOCAL_WORLD_SIZE is the number of processes torchrun started on this machine.
-            local_world = max(local_rank + 1, int(os.environ.get("LOCAL_WORLD_SIZE", 0) or 0))
+            local_world = max(local_rank + 1, int(os.environ.get("LOCAL_WORLD_SIZE") or 0))
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if local_world > gpus:
                 raise ToolkitError(f"torchrun started {local_world} processes on this machine (LOCAL_WORLD_SIZE; "

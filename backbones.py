@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from images import IMAGENET_MEAN, IMAGENET_STD
-from utils import ToolkitError
+from utils import ToolkitError, error_summary
 
 @dataclass(frozen=True)
 class BackboneFamily:
@@ -42,17 +42,33 @@ def _torchvision_weight_names(name):
 def _download_torchvision_weights(name, weights_name):
     """The state_dict torchvision publishes for `name`, from torch's hub cache or the internet."""
     weights = get_model_weights(name)[weights_name]
+    filename = os.path.basename(urlparse(weights.url).path)
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    cached = os.path.join(cache, filename)
+    was_cached = os.path.isfile(cached)  # torch hub loads a cached file as it is, without checking its hash
     try:
-        return torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=True,
-                                                  check_hash=True, weights_only=True)
-    except (OSError, RuntimeError) as error:  # URLError is an OSError; a broken download a RuntimeError
-        filename = os.path.basename(urlparse(weights.url).path)
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        state_dict = torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=True,
+                                                        check_hash=True, weights_only=True)
+    except Exception as error:  # a bad cached file: UnpicklingError, RuntimeError...; a download: OSError
+        if was_cached:
+            raise ToolkitError(bad_cache_message(name, weights_name, cached, weights.url, error_summary(error)))
+        if not isinstance(error, (OSError, RuntimeError)):  # URLError is an OSError; a broken download a RuntimeError
+            raise
         raise ToolkitError(
             f"cannot fetch the {name} weights {weights_name!r} from {weights.url} ({error}). "
             f"Without internet: download {filename} on another machine and pass its path as the "
             f"weights (--encoder-weights /path/to/{filename}), or copy it into {cache}/ where torch "
             f"looks first, or use weights=None (--encoder-weights none) to start from random weights")
+    if not isinstance(state_dict, Mapping):
+        raise ToolkitError(bad_cache_message(name, weights_name, cached, weights.url,
+                                             f"it holds a {type(state_dict).__name__}, not a state_dict"))
+    return state_dict
+
+
+def bad_cache_message(name, weights_name, cached, url, why):
+    return (f"the cached {name} weights {weights_name!r} in torch hub's cache, {cached!r}, cannot be loaded safely "
+            f"({why}): the file is damaged or is not the one torchvision publishes, and nothing of it was run. "
+            f"Delete it; the next run downloads it again from {url}")
 
 
 def _torchvision_family(names, trunk, later_stages, weight_names=_torchvision_weight_names):
@@ -157,7 +173,7 @@ def _read_state_dict(path):
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for foreign or corrupt files
         raise ToolkitError(f"weights file {path!r} cannot be read as a PyTorch state_dict "
-                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+                           f"({error_summary(error)})") from None
     if not isinstance(state_dict, Mapping):
         raise ToolkitError(f"weights file {path!r} holds a {type(state_dict).__name__}, not a state_dict "
                            f"(a dict of parameter name -> tensor)")

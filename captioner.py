@@ -9,47 +9,65 @@ they are batched through the encoder (with the device's plan, see encoding.py) a
 search. An image that cannot be read is reported and gets caption None; the others are captioned.
 """
 import os
+import stat
 import sys
 
 import torch
 from PIL import Image
 
 from beam_search import beam_search
-from checkpoints import load_checkpoint
-from config import pick_device, upgrade_cfg
+from checkpoints import check_checkpoint, load_checkpoint
+from config import pick_device
 from encoding import encode_images, inference_plan
 from figures import visualize_att
 from models import build_decoder, build_encoder, uninitialised
 from images import load_image_tensor as read_image  # the loader preprocessing uses
-from utils import ToolkitError
+from utils import ToolkitError, error_summary
 from vocabulary import strip_special
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def load_models(checkpoint, device):
-    """Encoder and decoder of a checkpoint dict, in eval mode on `device` (built without a random initialisation
-    that the checkpoint's weights would overwrite)."""
+def load_models(checkpoint, device, source="the checkpoint"):
+    """Encoder and decoder of a checkpoint dict (checked by check_checkpoint), in eval mode on `device` (built
+    without a random initialisation that the checkpoint's weights would overwrite)."""
     cfg = checkpoint["cfg"]
     encoder = uninitialised(lambda: build_encoder(cfg, weights=None), device)
-    encoder.load_state_dict(checkpoint["encoder_state"])
+    load_state(encoder, checkpoint["encoder_state"], "encoder_state", source)
     decoder = uninitialised(lambda: build_decoder(cfg, len(checkpoint["word_map"]), encoder.encoder_dim), device)
-    decoder.load_state_dict(checkpoint["decoder_state"])
+    load_state(decoder, checkpoint["decoder_state"], "decoder_state", source)
     return encoder.eval(), decoder.eval()
+
+
+def load_state(model, state, key, source):
+    """model.load_state_dict(state); weights that do not fit the model the cfg describes are a ToolkitError."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        details = " ".join(error_summary(error, 300).split())
+        raise ToolkitError(f"{source!r}: its {key} does not fit the {type(model).__name__} its cfg describes "
+                           f"({details}); the cfg or the weights were edited after training wrote the file. Use "
+                           f"the checkpoint that training (or import-course) wrote") from None
 
 
 def load_for_inference(checkpoint_path, device=None):
     """(checkpoint dict with its cfg completed, encoder, decoder) on the chosen device, in eval mode."""
     device = pick_device(device)
-    checkpoint = load_checkpoint(checkpoint_path)
-    checkpoint["cfg"] = upgrade_cfg(checkpoint["cfg"], checkpoint_path)
-    encoder, decoder = load_models(checkpoint, device)
+    checkpoint = check_checkpoint(load_checkpoint(checkpoint_path), checkpoint_path)
+    encoder, decoder = load_models(checkpoint, device, checkpoint_path)
     return checkpoint, encoder, decoder
 
 
+def check_whole_number(name, value, least=1):
+    """A keyword of test, caption or compare that must be a whole number of at least `least` (its option:
+    --name-with-dashes)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ToolkitError(f"{name} = {value!r} must be a whole number of at least {least} "
+                           f"(--{name.replace('_', '-')})")
+
+
 def check_beam_size(beam_size):
-    if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
-        raise ToolkitError(f"beam_size = {beam_size!r} must be a whole number of at least 1 (--beam-size)")
+    check_whole_number("beam_size", beam_size)
 
 
 def clamp_beam_size(beam_size, word_map):
@@ -70,7 +88,23 @@ def image_tensor(source, image_size):
         if source.shape[1:] == (image_size, image_size):
             return source.cpu()
         source = Image.fromarray(source.permute(1, 2, 0).cpu().numpy())  # resized as a file would be
+    if isinstance(source, (str, os.PathLike)):
+        check_regular_file(source)
     return read_image(source, image_size)
+
+
+def check_regular_file(path):
+    """Refuse a path that exists but is no regular file (a named pipe would block the reader forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # read_image names a missing or unreadable file
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise ToolkitError(f"image {os.fspath(path)!r} is {kind}, not an image file; pass image files, or folders "
+                           f"of them")
 
 
 def is_one_image(images):
@@ -81,11 +115,13 @@ def is_one_image(images):
 
 
 def expand_folders(images):
-    """A list of sources, with every folder replaced by the image files in it (sorted by name)."""
+    """A list of sources, with every folder replaced by the image files in it (sorted by name): regular files
+    only, so that a named pipe or a subfolder with an image's name is left out (reading a pipe would block)."""
     expanded = []
     for source in [images] if is_one_image(images) else images:
         if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-            names = sorted(name for name in os.listdir(source) if name.lower().endswith(IMAGE_EXTENSIONS))
+            names = sorted(name for name in os.listdir(source) if name.lower().endswith(IMAGE_EXTENSIONS)
+                           and os.path.isfile(os.path.join(source, name)))
             if not names:
                 print(f"note: folder {os.fspath(source)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})",
                       file=sys.stderr)
@@ -135,6 +171,8 @@ class Captioner:
         without attention), betas ((T,) sentinel weights of the adaptive decoder, else None), grid (G).
         """
         check_beam_size(beam_size)
+        check_whole_number("max_steps", max_steps)
+        check_whole_number("batch_size", batch_size)
         beam_size = clamp_beam_size(beam_size, self.word_map)
         sources = expand_folders(images)
         results = []

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from backbones import BACKBONES
 from models import DECODERS
 from utils import ToolkitError
 
@@ -126,6 +127,32 @@ def check_type(key, value):
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         allowed = " or ".join("None" if t is NONE else t.__name__ for t in types)
         raise ToolkitError(f"cfg[{key!r}] = {value!r} has type {type(value).__name__}; expected {allowed}")
+
+
+def model_cfg_problem(cfg):
+    """What is wrong with a checkpoint's completed cfg before the models are built from it, as (what it holds,
+    what it should hold); None when every key has its schema's type and the keys that shape the models have
+    values they can be built with."""
+    for key, value in cfg.items():
+        default, types, _ = CFG_SCHEMA[key]
+        if value is default:  # a key upgrade_cfg added (data_folder and data_name default to None)
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            allowed = " or ".join("None" if t is NONE else t.__name__ for t in types)
+            return f"cfg[{key!r}] = {value!r} ({type(value).__name__})", f"a value of type {allowed}"
+    decoder = cfg["decoder"] if cfg["decoder"] is not None else ("attention" if cfg["attention"] else "rnn")
+    if decoder not in DECODERS:
+        return f"cfg['decoder'] = {decoder!r}", f"one of {', '.join(DECODERS)}"
+    if cfg["encoder"] not in BACKBONES:
+        return f"cfg['encoder'] = {cfg['encoder']!r}", f"one of {', '.join(BACKBONES)}"
+    for key in MODEL_KEYS:
+        least = 1 if key in POSITIVE_INTS else 0 if key in NON_NEGATIVE_INTS else None
+        if least is not None and cfg[key] < least:
+            return f"cfg[{key!r}] = {cfg[key]!r}", f"a whole number of at least {least}"
+    if decoder == "transformer" and cfg["decoder_dim"] % cfg["transformer_heads"]:
+        return (f"cfg['decoder_dim'] = {cfg['decoder_dim']!r}",
+                f"a multiple of cfg['transformer_heads'] = {cfg['transformer_heads']}")
+    return None
 
 
 def check_values(cfg):

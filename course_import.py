@@ -26,10 +26,10 @@ from torch import nn
 
 from data_files import data_paths
 from datasets import load_word_map
-from checkpoints import CHECKPOINT_FORMAT, empty_history, save_checkpoint
+from checkpoints import CHECKPOINT_FORMAT, empty_history, non_torch_file_kind, save_checkpoint
 from config import default_cfg, validate_cfg
 from models import build_decoder, build_encoder, uninitialised
-from utils import ToolkitError
+from utils import ToolkitError, error_summary
 
 COURSE_BACKBONE = "resnet101"
 COURSE_ENCODER_DIM = 2048  # channels of the ResNet-101 trunk
@@ -152,6 +152,10 @@ def read_course_file(path, trust_pickle=False):
     if not os.path.isfile(path):
         raise ToolkitError(f"course checkpoint {path!r} does not exist; pass the path of a checkpoint written "
                            f"by the course's train.py, or of its state_dicts export ({EXPORT_FILE})")
+    foreign = non_torch_file_kind(path)
+    if foreign:
+        raise ToolkitError(f"{path!r} is not a PyTorch file ({foreign}); pass the checkpoint that the course's "
+                           f"train.py wrote (BEST_checkpoint_*.pth.tar), or its state_dicts export ({EXPORT_FILE})")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -159,8 +163,9 @@ def read_course_file(path, trust_pickle=False):
             raise ToolkitError(pickle_refusal(path)) from None
         return from_pickled(load_pickled(path), path)
     except Exception as error:  # torch raises many types for foreign or corrupt files
-        raise ToolkitError(f"{path!r} cannot be read as a PyTorch file ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        raise ToolkitError(f"{path!r} cannot be read as a PyTorch file ({error_summary(error)}); pass the "
+                           f"checkpoint that the course's train.py wrote, or its state_dicts export "
+                           f"({EXPORT_FILE})") from None
     return from_state_dicts(loaded, path)
 
 
@@ -169,7 +174,7 @@ def load_pickled(path):
         return torch.load(path, map_location="cpu", pickle_module=_course_pickle_module(), weights_only=False)
     except Exception as error:  # a refused global, or objects that do not unpickle in this torch
         raise ToolkitError(f"{path!r} cannot be read as a checkpoint of the course's train.py "
-                           f"({type(error).__name__}: {error}); if it is one, {export_instructions(path)}") from None
+                           f"({error_summary(error, 400)}); if it is one, {export_instructions(path)}") from None
 
 
 def check_course_keys(checkpoint, path, kind):
@@ -187,10 +192,53 @@ def from_pickled(checkpoint, path):
             raise ToolkitError(f"{path!r}: its {key!r} entry is a {type(module).__name__}, not a pickled module")
     dropout = decoder._modules.get("dropout")
     return CourseCheckpoint(
-        encoder.state_dict(), decoder.state_dict(), int(checkpoint.get("epoch", -1)),
+        plain_state_dict(encoder, path, "encoder"), plain_state_dict(decoder, path, "decoder"),
+        int(checkpoint.get("epoch", -1)),
         int(checkpoint.get("epochs_since_improvement", 0)), float(checkpoint.get("bleu-4", 0.0)),
         encoded_image_size_of(encoder), dropout.p if isinstance(dropout, nn.Dropout) else None,
         checkpoint.get("encoder_optimizer") is not None)
+
+
+def plain_state_dict(module, path, key):
+    """What state_dict() returns, read from the parameters and persistent buffers of `module` and its submodules
+    alone: state_dict() would call the hooks an unpickled file may set (in _state_dict_hooks and the like), and
+    the file's classes' own methods; here nothing of the file is called."""
+    state, inside = {}, set()
+
+    def refuse(what):
+        raise ToolkitError(f"{path!r}: its {key!r} module {what}; it is not a checkpoint of the course's train.py")
+
+    def entries(current, attribute, prefix):
+        held = vars(current).get(attribute, {})
+        if not isinstance(held, Mapping):
+            refuse(f"holds a {type(held).__name__} as {attribute} of {prefix.rstrip('.') or 'the top module'}")
+        return list(held.items())
+
+    def visit(current, prefix):
+        if not isinstance(current, nn.Module):
+            refuse(f"holds a {type(current).__name__} at {prefix.rstrip('.') or 'the top'}, where a module should be")
+        if id(current) in inside:
+            refuse(f"contains itself at {prefix.rstrip('.')}")
+        inside.add(id(current))
+        non_persistent = vars(current).get("_non_persistent_buffers_set", set())
+        if not isinstance(non_persistent, (set, frozenset)):
+            refuse(f"holds a {type(non_persistent).__name__} as the non-persistent buffers of "
+                   f"{prefix.rstrip('.') or 'the top module'}")
+        named = entries(current, "_parameters", prefix)
+        named += [(name, value) for name, value in entries(current, "_buffers", prefix) if name not in non_persistent]
+        for name, value in named:
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                refuse(f"holds a {type(value).__name__} as the tensor {prefix + name!r}")
+            state[prefix + name] = value.detach()
+        for name, child in entries(current, "_modules", prefix):
+            if child is not None:
+                visit(child, f"{prefix}{name}.")
+        inside.discard(id(current))
+
+    visit(module, "")
+    return state
 
 
 def encoded_image_size_of(encoder):

@@ -21,6 +21,7 @@ from utils import Terminated, ToolkitError, worker_terminated
 
 TIMEOUT_VARIABLE = "CAPTIONING_DDP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800  # a rank waits this long in one collective (a barrier while another builds a cache)
+MAX_TIMEOUT_S = 30 * 24 * 3600  # 30 days: longer is no timeout at all, and overflows timedelta and torch's clocks
 # Words of gloo's and NCCL's errors when a peer is gone or a collective timed out
 COLLECTIVE_FAILURES = ("gloo", "NCCL", "Connection closed", "Connection reset", "imed out", "Broken pipe")
 # DDP's option not to broadcast buffers at every forward (renamed in recent torch; broadcast_buffers before)
@@ -40,9 +41,9 @@ def collective_timeout():
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if seconds <= 0:
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # also refuses nan and inf
         raise ToolkitError(f"environment variable {TIMEOUT_VARIABLE} = {text!r}; set it to a positive number of "
-                           f"seconds (default {DEFAULT_TIMEOUT_S})")
+                           f"seconds, at most {MAX_TIMEOUT_S} (30 days) (default {DEFAULT_TIMEOUT_S})")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -64,9 +65,15 @@ class Ranks:
             return cls(device=device)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device.type == "cuda":
-            if local_rank >= torch.cuda.device_count():
-                raise ToolkitError(f"LOCAL_RANK = {local_rank} but this machine has {torch.cuda.device_count()} "
-                                   f"GPU(s); start at most that many processes per node (--nproc_per_node)")
+            # Every rank of the node refuses (not only those without a GPU, while the others wait in
+            # init_process_group): LOCAL_WORLD_SIZE is the number of processes torchrun started on this machine.
+            local_world = max(local_rank + 1, int(os.environ.get("LOCAL_WORLD_SIZE") or 0))
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if local_world > gpus:
+                raise ToolkitError(f"torchrun started {local_world} processes on this machine (LOCAL_WORLD_SIZE; "
+                                   f"this one has LOCAL_RANK {local_rank}) but it has {gpus} GPU(s), one per process "
+                                   f"needed; start at most {gpus} per node (--nproc_per_node {gpus}), or train on "
+                                   f"the CPU (--device cpu)")
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         owns_group = not dist.is_initialized()

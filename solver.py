@@ -13,8 +13,8 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from captioner import Captioner, check_beam_size, clamp_beam_size, result_figure
-from checkpoints import load_checkpoint
+from captioner import Captioner, check_beam_size, check_whole_number, clamp_beam_size, result_figure
+from checkpoints import check_checkpoint, load_checkpoint
 from config import add_cfg_options, upgrade_cfg, validate_cfg, with_env_overrides  # noqa: F401 (notebooks)
 from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map
 from features import ensure_feature_cache
@@ -31,6 +31,15 @@ from vocabulary import strip_special
 def train(cfg):
     """Train a captioning model as cfg describes; returns the checkpoint paths and the history."""
     return Trainer(validate_cfg(cfg)).run()
+
+
+def check_inference_options(beam_size, batch_size, max_steps, workers=None):
+    """The numbers test, caption and compare take, refused before any work as the cfg's are (validate_cfg)."""
+    check_beam_size(beam_size)
+    check_whole_number("batch_size", batch_size)
+    check_whole_number("max_steps", max_steps)
+    if workers is not None:
+        check_whole_number("workers", workers, least=0)
 
 
 def inference_workers(workers, device):
@@ -50,7 +59,7 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     references. `blind` replaces every image by a black one: what this model says about an image with nothing
     in it (not a language prior: a model never trained on such images; the demo's blind control is trained on them).
     """
-    check_beam_size(beam_size)
+    check_inference_options(beam_size, batch_size, max_steps, workers)
     if predictions_json:
         check_writable_file(predictions_json, "predictions_json (--predictions-json)")
     captioner = Captioner.from_checkpoint(checkpoint, device)
@@ -105,6 +114,7 @@ def caption(checkpoint, images, beam_size=3, max_steps=50, batch_size=50, device
     caption (str), words, seq, score, alphas, betas, grid; an unreadable image is reported and gets caption
     None and an error. `output`: also write JSON lines {"file", "caption", "score"}; `figures`: a folder for
     each image's attention figure (<name>.png)."""
+    check_inference_options(beam_size, batch_size, max_steps)
     if output:
         check_writable_file(output, "output (--output)")
     if figures:
@@ -151,12 +161,16 @@ def caption_figure(checkpoint, image_path, beam_size=3, smooth=True, out=None, d
 
 
 def compare(checkpoints, beam_size=3, split="TEST", out=None, **test_options):
-    """Test several checkpoints and return (and print) a markdown table of all their metrics."""
+    """Test several checkpoints and return (and print) a markdown table of all their metrics (one row each,
+    labelled by file name, with as many parent folders as it takes to tell them apart)."""
+    check_inference_options(beam_size, test_options.get("batch_size", 50), test_options.get("max_steps", 50),
+                            test_options.get("workers"))
+    if out:
+        check_writable_file(out, "out (--out)")
+    cfgs = [check_checkpoint(load_checkpoint(path), path)["cfg"] for path in checkpoints]  # all, before any work
     results = {}
-    for path in checkpoints:
-        cfg = upgrade_cfg(load_checkpoint(path)["cfg"], path)
+    for path, label, cfg in zip(checkpoints, checkpoint_labels(checkpoints), cfgs):
         scores = test(path, beam_size=beam_size, split=split, **test_options)
-        label = os.path.basename(path)
         results[label] = dict(scores, decoder=cfg["decoder"], encoder=cfg["encoder"],
                               fine_tuned="yes" if cfg["fine_tune_encoder"] else "no", beam_size=beam_size)
     table = results_table(results)
@@ -165,6 +179,27 @@ def compare(checkpoints, beam_size=3, split="TEST", out=None, **test_options):
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as file:
             file.write(table + "\n")
     return table
+
+
+def checkpoint_labels(paths):
+    """A distinct label per path: its file name, with parent folders added where names collide (a path given
+    twice is numbered)."""
+    parts = [os.path.normpath(os.path.abspath(os.fspath(path))).split(os.sep) for path in paths]
+    depths = [1] * len(paths)
+    while True:
+        labels = ["/".join(p[-depth:]) for p, depth in zip(parts, depths)]
+        clashing = [i for i, label in enumerate(labels) if depths[i] < len(parts[i]) and any(
+            other == label and parts[j] != parts[i] for j, other in enumerate(labels))]
+        if not clashing:
+            break
+        for i in clashing:
+            depths[i] += 1
+    seen = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label} ({seen[label]})"
+    return labels
 
 
 # ---------------------------------------------------------------- command line

@@ -22,6 +22,17 @@ class ToolkitError(Exception):
     """An error caused by the user's input; command lines print it without a traceback."""
 
 
+ANSI_CODE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour and bold codes (torch's errors carry some)
+
+
+def error_summary(error, limit=200):
+    """`Type: first line of the message` of an exception from a library, without terminal codes, at most
+    `limit` characters of text: what a message may quote of it."""
+    text = ANSI_CODE.sub("", str(error)).strip()
+    first_line = text.splitlines()[0].strip() if text else ""
+    return f"{type(error).__name__}: {first_line[:limit]}{'...' if len(first_line) > limit else ''}"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: temporary files are removed on the way out."""
 

@@ -24,7 +24,7 @@ from metrics import coco_caption_metrics, course_bleu, format_metrics, results_t
 from models import build_encoder
 from run_start import word_map_mismatch
 from training import Trainer
-from utils import ToolkitError, atomic_path, check_writable_file, check_writable_folder, run_cli
+from utils import ToolkitError, atomic_path, check_writable_file, check_writable_folder, loader_worker_init, run_cli
 from vocabulary import strip_special
 
 
@@ -70,8 +70,9 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     if load_word_map(data_folder, cfg["data_name"]) != word_map:
         raise ToolkitError(word_map_mismatch(checkpoint, data_folder, cfg["data_name"]))
     dataset = ImageCaptionsDataset(data_folder, cfg["data_name"], split)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
-                                         num_workers=inference_workers(workers, captioner.device))
+    workers = inference_workers(workers, captioner.device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         worker_init_fn=loader_worker_init if workers > 0 else None)
     references, hypotheses, decoded = [], [], []
     for images, captions, _ in tqdm(loader, desc=f"beam search {split} (k={beam_size})", unit="batch"):
         images = torch.zeros_like(images) if blind else images

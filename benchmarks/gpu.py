@@ -115,7 +115,37 @@ def gpu_section(work, quick=False):
         figures["runs"]["course_path_fp32_b32"]["samples_per_s"]
     report_ratio("gpu_speedup_over_course_b32", ratio)
     figures["speedup_over_course_b32"] = ratio
+    if device == "cuda":
+        figures["compiled_step"] = compiled_step_figures(data, work, sizes, device, common)
     return figures
+
+
+def compiled_step_figures(data, work, sizes, device, common):
+    """The attention decoder at the recommended batch, plain against its recurrence (`step`: attention, gate,
+    LSTM cell) compiled by torch.compile with dynamic shapes (the captions still running shrink step by step):
+    does compiling the teacher-forced loop pay? Measured, not used by the toolkit unless it does."""
+    batch = sizes.recommended_batch
+    rates = {}
+    for name in ("plain", "compiled"):
+        trainer = make_trainer(data, work, sizes, "attention", device, batch_size=batch, run_name=f"step_{name}",
+                               **dict(common, decoder_lr=RECOMMENDED_LR))
+        if name == "compiled":
+            trainer.decoder_module.step = torch.compile(trainer.decoder_module.step, dynamic=True)
+        steps = training_steps(trainer)
+        try:
+            warmup = 3 * sizes.warmup_steps  # compiling happens here, for the first shapes and for rows == 1
+            _, warmup_seconds = timed(lambda: sum(n for n, _ in itertools.islice(steps, warmup)), device=device)
+            captions, seconds = time_side_by_side({name: (steps, sizes.timed_steps)}, 0, 1, device)[name]
+        except Exception as error:  # noqa: BLE001 - an experiment: its failure is a figure, not the run's end
+            report("gpu_compiled_step", f"{name} failed: {type(error).__name__}: {str(error)[:300]}")
+            return {"error": f"{type(error).__name__}: {error}"}
+        finally:
+            trainer.lock.release()
+        rates[name] = captions / seconds
+        report(f"gpu_train_attention_b{batch}_{name}_step", f"{rates[name]:,.0f} samples/s (first "
+                                                             f"{warmup} steps {warmup_seconds:.1f} s)")
+    report_ratio("gpu_compiled_step_speedup", rates["compiled"] / rates["plain"])
+    return rates
 
 
 def profile_steps(steps, step_seconds, device, count=5):

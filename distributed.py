@@ -143,7 +143,7 @@ class Ranks:
         tensor on the device, never read by the host: the step does not wait for the all-reduce."""
         if not self.distributed:
             return 1.0
-        total = torch.tensor(float(count), device=self.device)
+        total = torch.full((), float(count), device=self.device)  # filled on the device: no copy to wait for
         dist.all_reduce(total)
         return count * self.world_size / total
 

@@ -41,16 +41,22 @@ def encoder_fingerprint(encoder, images_path, data_folder, data_name):
     return digest.hexdigest()
 
 
-def first_bad_row(rows):
-    """(index, what is wrong) of the first unusable image in a batch of features (B, P, C); None if all are
-    usable. Unusable: a non-finite value, or features that are all zero."""
-    flat = np.asarray(rows).reshape(len(rows), -1)  # (B, P * C)
-    non_finite = ~np.isfinite(flat).all(axis=1)
-    if non_finite.any():
-        return int(np.argmax(non_finite)), "not finite (inf or NaN)"
-    all_zero = ~flat.any(axis=1)
-    if all_zero.any():
-        return int(np.argmax(all_zero)), "all zero"
+PROBLEMS = ("not finite (inf or NaN)", "all zero")  # what row_problems flags, in its order
+
+
+def row_problems(rows):
+    """(2, B) bools of a batch of features (B, P, C), numpy or a tensor on any device: the rows holding a
+    non-finite value, the rows that are all zero (unusable either way)."""
+    flat = torch.as_tensor(rows).flatten(1)  # (B, P * C)
+    return torch.stack([~torch.isfinite(flat).all(dim=1), ~flat.ne(0).any(dim=1)])
+
+
+def first_bad_row(problems):
+    """(index, what is wrong) of the first unusable row in row_problems' answer (on the CPU); None if all are
+    usable."""
+    for flags, what in zip(problems, PROBLEMS):
+        if flags.any():
+            return int(flags.int().argmax()), what
     return None
 
 
@@ -65,7 +71,7 @@ def cache_problem(path, fingerprint):
                 return "it was made from other weights or data, or is incomplete"
             features = h5["features"]
             checked = np.unique(np.linspace(0, len(features) - 1, min(CHECKED_ROWS, len(features))).astype(int))
-            bad = first_bad_row(features[checked])  # h5py reads the rows in one selection
+            bad = first_bad_row(row_problems(features[checked]))  # h5py reads the rows in one selection
     except OSError as error:  # a foreign or damaged file: rebuild it
         return f"it cannot be read ({error})"
     return None if bad is None else f"it is damaged: the features of image {checked[bad[0]]} are {bad[1]}"
@@ -153,8 +159,7 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
                                          pin_memory=torch.device(device).type == "cuda",
                                          worker_init_fn=loader_worker_init if workers > 0 else None)
     with atomic_path(path, needed_bytes=needed) as tmp, new_hdf5_file(tmp) as h5:
-        features = h5.create_dataset("features", (len(dataset), positions, channels), dtype="float16",
-                                     chunks=(1, positions, channels))
+        features = h5.create_dataset("features", (len(dataset), positions, channels), dtype="float16")
         write_features(encoder, loader, inference_plan(device, batch_size), features, split)
         h5.attrs["fingerprint"] = fingerprint
         h5.attrs["backbone"] = encoder.backbone_name
@@ -164,39 +169,41 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
 
 def write_features(encoder, loader, plan, features, split):
     """Encode the loader's images into the HDF5 dataset `features` (N, P, C), in order. The next batch is read and
-    encoded while a writer thread checks and writes the previous one: the device never waits for the disk."""
+    encoded while a writer thread writes the previous one: the device never waits for the disk. Each batch is
+    checked where it was encoded (row_problems), and the check's answer travels to the host with it."""
     device, backbone = next(encoder.parameters()).device, encoder.backbone_name
+    cuda = device.type == "cuda"
     start, pending = 0, None
     with ThreadPoolExecutor(max_workers=1) as writer:
         for images, _, _ in tqdm(loader, desc=f"encode {split}", unit="batch"):
             grid = encode_images(encoder, images.to(device, non_blocking=True), plan)  # (B, G, G, C)
             grid = grid.reshape(grid.size(0), -1, grid.size(-1)).half()  # (B, P, C)
-            host = torch.empty(grid.shape, dtype=grid.dtype, pin_memory=device.type == "cuda")
-            host.copy_(grid, non_blocking=True)
-            copied = torch.cuda.Event() if device.type == "cuda" else None
+            problems = row_problems(grid)  # (2, B)
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda).copy_(t, non_blocking=True)
+                    for t in (grid, problems)]
+            copied = torch.cuda.Event() if cuda else None
             if copied is not None:
                 copied.record()
             if pending is not None:
                 pending.result()  # the previous batch is written (or its error raised here)
-            pending = writer.submit(write_rows, features, host, copied, start, backbone, split)
-            start += len(host)
+            pending = writer.submit(write_rows, features, *host, copied, start, backbone, split)
+            start += len(grid)
         if pending is not None:
             pending.result()
 
 
-def write_rows(features, host, copied, start, backbone, split):
-    """Write one batch of encoded rows (B, P, C) once its copy to the host is complete."""
+def write_rows(features, rows, problems, copied, start, backbone, split):
+    """Write one batch of encoded rows (B, P, C) once its copy to the host is complete, unless one is unusable."""
     if copied is not None:
         copied.synchronize()
-    batch = host.numpy()
-    check_encoded(batch, start, backbone, split)
-    features[start:start + len(batch)] = batch
+    check_encoded(problems, start, backbone, split)
+    features[start:start + len(rows)] = rows.numpy()
 
 
-def check_encoded(batch, start, backbone, split):
-    """Refuse a batch of freshly encoded features (B, P, C) float16 with a non-finite or all-zero row: the
-    encoder, not the training, is at fault."""
-    bad = first_bad_row(batch)
+def check_encoded(problems, start, backbone, split):
+    """Refuse a batch of freshly encoded features whose row_problems flag a row (non-finite or all zero in
+    float16): the encoder, not the training, is at fault."""
+    bad = first_bad_row(problems)
     if bad is not None:
         raise ToolkitError(
             f"the frozen {backbone} encoder gives unusable features: those of {split} image {start + bad[0]} are "
@@ -216,8 +223,7 @@ def join_feature_parts(part_paths, path, fingerprint, backbone):
         with h5py.File(part, "r") as h5:
             sizes.append(len(h5["features"]))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        features = h5.create_dataset("features", (sum(sizes), positions, channels), dtype="float16",
-                                     chunks=(1, positions, channels))
+        features = h5.create_dataset("features", (sum(sizes), positions, channels), dtype="float16")
         start = 0
         for part, size in zip(part_paths, sizes):
             with h5py.File(part, "r") as source:

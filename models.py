@@ -82,6 +82,15 @@ class Encoder(nn.Module):
 
 
 # ---------------------------------------------------------------- decoders
+def to_device(tensor, device):
+    """A CPU tensor copied to `device`. To a GPU it goes through pinned memory, asynchronously: the host does not
+    wait for the work queued on the device, as a plain copy from pageable memory would."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def select_rows(tensors, index):
     """Index the batch dimension of every tensor in a tuple (slice or index tensor)."""
     return tuple(t[index] for t in tensors)
@@ -152,7 +161,7 @@ class CaptionDecoder(nn.Module):
         """
         encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
         caption_lengths, sort_ind = caption_lengths.reshape(-1).sort(dim=0, descending=True)
-        sort_ind = sort_ind.to(encoded_captions.device)
+        sort_ind = to_device(sort_ind, encoded_captions.device)
         encoded_captions = encoded_captions[sort_ind]
         if caption_image is None:
             caption_image = torch.arange(encoder_out.size(0), device=encoder_out.device)
@@ -541,7 +550,7 @@ class DecoderWithTransformer(CaptionDecoder):
         steps = max(decode_lengths)
         x = self.embed_positions(embeddings[:, :steps], state[0].size(2))  # (N, T, D)
         scores, _, alphas = self.run_layers(x, memory, state)  # (N, T, V), (N, T, P)
-        lengths = torch.tensor(decode_lengths, device=x.device)
+        lengths = to_device(torch.tensor(decode_lengths), x.device)
         padding = (torch.arange(steps, device=x.device) >= lengths.unsqueeze(1)).unsqueeze(2)  # (N, T, 1)
         return scores.masked_fill(padding, 0.0), alphas.masked_fill(padding, 0.0)
 

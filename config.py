@@ -49,6 +49,8 @@ CFG_SCHEMA = {
     "decoder_lr": (4e-4, (float, int), "learning rate for the decoder"),
     "grad_clip": (5.0, (float, int, NONE), "clip gradients at this absolute value; None: no clipping"),
     "alpha_c": (1.0, (float, int), "weight of the doubly stochastic attention regularisation"),
+    "label_smoothing": (0.0, (float, int), "label smoothing of the XE stage's cross-entropy, in [0, 1) (0: none; "
+                                           "validation's loss stays the plain cross-entropy)"),
     "best_bleu4": (0.0, (float, int), "best val BLEU-4 so far at the start"),
     "print_freq": (100, (int,), "print training stats every this many batches (0: never)"),
     "fine_tune_encoder": (False, (bool,), "fine-tune blocks 2-4 of the encoder"),
@@ -180,9 +182,11 @@ def check_values(cfg):
         refuse("best_bleu4", "must be 0 or more")
     if not 0 < cfg["lr_decay_factor"] <= 1:
         refuse("lr_decay_factor", "must be in (0, 1]")
-    for key in ("dropout", "transformer_dropout"):
+    for key in ("dropout", "transformer_dropout", "label_smoothing"):
         if not 0 <= cfg[key] < 1:
             refuse(key, "must be in [0, 1)")
+    if cfg["training"] == "scst" and cfg["label_smoothing"]:
+        refuse("label_smoothing", "smooths the cross-entropy of training 'xe'; SCST has no cross-entropy: set it to 0")
     if cfg["decoder_dim"] % cfg["transformer_heads"] and cfg["decoder"] == "transformer":
         refuse("decoder_dim", f"must be a multiple of transformer_heads = {cfg['transformer_heads']}")
     if cfg["training"] == "scst" and cfg["scst_baseline"] == "mean" and cfg["scst_samples"] < 2:

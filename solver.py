@@ -13,8 +13,9 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from captioner import Captioner, check_beam_size, check_whole_number, clamp_beam_size, result_figure
+from captioner import Captioner, check_beam_size, check_whole_number, clamp_beam_size, expand_folders, result_figure
 from checkpoints import check_checkpoint, load_checkpoint
+from coco_results import check_coco_results, write_coco_results
 from config import add_cfg_options, upgrade_cfg, validate_cfg, with_env_overrides  # noqa: F401 (notebooks)
 from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map
 from features import ensure_feature_cache
@@ -110,21 +111,28 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
 
 
 def caption(checkpoint, images, beam_size=3, max_steps=50, batch_size=50, device=None, output=None, figures=None,
-            smooth=True):
+            smooth=True, coco_results=None):
     """Caption image files (a folder stands for its image files). Returns Captioner.caption's dicts: path,
     caption (str), words, seq, score, alphas, betas, grid; an unreadable image is reported and gets caption
     None and an error. `output`: also write JSON lines {"file", "caption", "score"}; `figures`: a folder for
-    each image's attention figure (<name>.png)."""
+    each image's attention figure (<name>.png); `coco_results`: the COCO evaluation server's JSON
+    [{"image_id", "caption"}] (file names COCO_val2014_<id>.jpg; see coco_results.py)."""
     check_inference_options(beam_size, batch_size, max_steps)
     if output:
         check_writable_file(output, "output (--output)")
     if figures:
         check_writable_folder(figures, "figures (--figures)")
-    results = Captioner.from_checkpoint(checkpoint, device).caption(images, beam_size, max_steps, batch_size)
+    sources = expand_folders(images)  # once: the files checked are the files captioned
+    if coco_results:
+        check_writable_file(coco_results, "coco_results (--coco-results)")
+        check_coco_results(coco_results, sources)
+    results = Captioner.from_checkpoint(checkpoint, device).caption(sources, beam_size, max_steps, batch_size)
     if output:
         write_json_lines(output, results)
     if figures:
         write_figures(figures, results, smooth)
+    if coco_results:
+        write_coco_results(coco_results, results)
     return results
 
 
@@ -224,6 +232,9 @@ OPTION_HELP = {
     "output": "write JSON lines {file, caption, score} to this file",
     "figures": "write the attention figure of every image into this folder",
     "smooth": "blur the upsampled attention maps of the figures, as the course does",
+    "coco_results": "write the COCO evaluation server's JSON [{image_id, caption}] to this file, named "
+                    "captions_val2014_<alg>_results.json or captions_test2014_<alg>_results.json (image ids from "
+                    "COCO file names, COCO_val2014_000000123456.jpg)",
     "out": "also write the result to this file (import-course: where to write the import; None: "
            "<name>.toolkit.pth.tar beside the course's checkpoint)",
     "path": "the course's checkpoint (a pickled one, or the state_dicts the export lines of docs/course-checkpoints.md write)",

@@ -4,8 +4,9 @@ A stage's `loss(batch)` takes a `Batch` of tensors on the training device and re
 the statistics to show, {name: (value, count)}; it knows nothing of the loop around it (optimisers, epochs,
 validation, checkpoints, logs: training.py). `make_stage(cfg, ...)` builds the stage cfg['training'] names.
 
-- CrossEntropyStage ("xe"): the course's teacher forcing, cross-entropy over the real positions plus the
-  doubly stochastic attention regularisation for decoders that declare it.
+- CrossEntropyStage ("xe"): the course's teacher forcing, cross-entropy over the real positions (smoothed over
+  the vocabulary with cfg['label_smoothing']) plus the doubly stochastic attention regularisation for decoders
+  that declare it.
 - SelfCriticalStage ("scst"): self-critical sequence training (Rennie et al., CVPR 2017): sample captions,
   reward each with its CIDEr-D against the image's references (document frequencies of the TRAIN split),
   and follow the policy gradient against a baseline (the mean of the image's other samples, Luo's "new
@@ -31,14 +32,15 @@ class Batch:
     image_index: torch.Tensor | None = None  # (B,) each image's index in its split, on the CPU (SCST's references)
 
 
-def caption_loss(scores, targets, decode_lengths, alphas, alpha_c, regularize_attention):
-    """Cross-entropy over the real (unpadded) positions plus doubly stochastic attention regularisation.
+def caption_loss(scores, targets, decode_lengths, alphas, alpha_c, regularize_attention, label_smoothing=0.0):
+    """Cross-entropy over the real (unpadded) positions (with label_smoothing eps: (1 - eps) x NLL + eps x the
+    mean over the vocabulary of -log p) plus doubly stochastic attention regularisation.
 
     Returns the loss and the packed scores (K, V) and targets (K,) of the real positions.
     """
     scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data
     targets = pack_padded_sequence(targets, decode_lengths, batch_first=True).data
-    loss = F.cross_entropy(scores, targets)
+    loss = F.cross_entropy(scores, targets, label_smoothing=label_smoothing)
     if regularize_attention and alpha_c:
         loss = loss + alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()
     return loss, scores, targets
@@ -61,14 +63,16 @@ def flatten_captions(captions, lengths):
 
 
 class TeacherForced:
-    """The teacher-forced pass of a batch: what both the cross-entropy stage and validation need."""
+    """The teacher-forced pass of a batch: what both the cross-entropy stage and validation need (validation's
+    loss is the plain cross-entropy: label_smoothing 0)."""
 
-    def __init__(self, decoder, batch, alpha_c, regularize_attention):
+    def __init__(self, decoder, batch, alpha_c, regularize_attention, label_smoothing=0.0):
         captions, lengths, self.caption_image = flatten_captions(batch.captions, batch.lengths)
         scores, captions_sorted, self.decode_lengths, alphas, self.sort_ind = decoder(
             batch.encoder_out, captions, lengths, self.caption_image)
         self.loss, self.packed_scores, self.targets = caption_loss(
-            scores.float(), captions_sorted[:, 1:], self.decode_lengths, alphas, alpha_c, regularize_attention)
+            scores.float(), captions_sorted[:, 1:], self.decode_lengths, alphas, alpha_c, regularize_attention,
+            label_smoothing)
         self.scores = scores  # (N, T, V), sorted by decreasing length
 
     def image_of_caption(self):
@@ -84,11 +88,12 @@ class CrossEntropyStage:
     decodes_unwrapped = False  # goes through the decoder's forward (DDP's wrapper all-reduces its gradients)
     checks_divergence = True  # a loss far above its first value means training diverged
 
-    def __init__(self, decoder, alpha_c, regularize_attention):
+    def __init__(self, decoder, alpha_c, regularize_attention, label_smoothing=0.0):
         self.decoder, self.alpha_c, self.regularize_attention = decoder, alpha_c, regularize_attention
+        self.label_smoothing = label_smoothing
 
     def teacher_forced(self, batch):
-        return TeacherForced(self.decoder, batch, self.alpha_c, self.regularize_attention)
+        return TeacherForced(self.decoder, batch, self.alpha_c, self.regularize_attention, self.label_smoothing)
 
     def loss(self, batch):
         """(loss to minimise, {statistic: (value, count)}) of one training batch."""
@@ -153,7 +158,12 @@ def make_stage(cfg, decoder, decoder_module, word_map):
     """The stage cfg['training'] names. `decoder`: what the teacher-forced pass calls (DDP's wrapper in a
     multi-process run); `decoder_module`: the decoder itself."""
     if cfg["training"] == "xe":
-        return CrossEntropyStage(decoder, cfg["alpha_c"], decoder_module.attention_regularization)
+        if cfg["label_smoothing"]:
+            print(f"note: label_smoothing = {cfg['label_smoothing']}: the training loss shown and logged (loss, "
+                  f"train/loss, train_loss) is the smoothed cross-entropy; validation's (LOSS, val_loss) stays the "
+                  f"plain one")
+        return CrossEntropyStage(decoder, cfg["alpha_c"], decoder_module.attention_regularization,
+                                 cfg["label_smoothing"])
     corpus = encoded_references(cfg["data_folder"], cfg["data_name"], "TRAIN", word_map)
     return SelfCriticalStage(decoder_module, CiderD(corpus, vocab_size=len(word_map)), word_map["<start>"],
                              word_map["<end>"], cfg["scst_samples"], cfg["scst_baseline"], cfg["max_steps"])

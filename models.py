@@ -106,6 +106,9 @@ class CaptionDecoder(nn.Module):
     attention_regularization = False
     #: its learning rate needs a warm-up (cfg lr_warmup_steps)
     lr_warmup = False
+    #: set by the trainer on a GPU (cuda_graphs.RecurrenceGraphs): the teacher-forced recurrence of training
+    #: steps replayed as CUDA graphs; None: run step by step
+    recurrence_graphs = None
 
     def __init__(self, embed_dim, decoder_dim, vocab_size, encoder_dim, dropout):
         super().__init__()
@@ -177,18 +180,40 @@ class CaptionDecoder(nn.Module):
         """The recurrence step by step over the captions still running (sorted first); then, once over every
         real position, what no later step needs: dropout and the output layer, and the attention laid out."""
         running = running_counts(decode_lengths)  # [captions still running at step t]
+        if self.recurrence_graphs is not None and self.training and torch.is_grad_enabled():
+            outputs, alphas = self.recurrence_graphs(embeddings, memory, state, len(running))  # (T, N, ...)
+            outputs, alphas = (None if x is None else pack_padded_sequence(x, decode_lengths).data
+                               for x in (outputs, alphas))  # (sum of lengths, ...)
+        else:
+            outputs, alphas = self.recur_running(embeddings, memory, state, running)
+        batch_sizes = torch.tensor(running)
+        scores = self.scores(outputs)  # (sum of lengths, V), time-major as a PackedSequence
+        predictions = pad_packed_sequence(PackedSequence(scores, batch_sizes), batch_first=True)[0]  # (N, T, V)
+        if alphas is None:
+            return predictions, None
+        return predictions, pad_packed_sequence(PackedSequence(alphas, batch_sizes), batch_first=True)[0]
+
+    def recur_running(self, embeddings, memory, state, running):
+        """The recurrence over the first running[t] rows at step t: (N, L, E) embeddings -> step outputs
+        (sum of running, D) and attention (sum of running, P) or None, time-major as a PackedSequence."""
         outputs, alphas = [], []
         for t, rows in enumerate(running):
             output, state, alpha = self.step(embeddings[:rows, t], select_rows(memory, slice(0, rows)),
                                              select_rows(state, slice(0, rows)))
             outputs.append(output)  # (rows, D)
             alphas.append(alpha)  # (rows, P) or None
-        batch_sizes = torch.tensor(running)
-        scores = self.scores(torch.cat(outputs))  # (sum of lengths, V), time-major as a PackedSequence
-        predictions = pad_packed_sequence(PackedSequence(scores, batch_sizes), batch_first=True)[0]  # (N, T, V)
-        if alphas[0] is None:
-            return predictions, None
-        return predictions, pad_packed_sequence(PackedSequence(torch.cat(alphas), batch_sizes), batch_first=True)[0]
+        return torch.cat(outputs), None if alphas[0] is None else torch.cat(alphas)
+
+    def recur(self, embeddings, memory, state, steps):
+        """The recurrence over every row for `steps` steps, also past a caption's end (those outputs are never
+        read, and a step never affects an earlier one): what a CUDA graph of fixed shapes replays.
+        (N, L, E) embeddings -> step outputs (steps, N, D), attention (steps, N, P) or None."""
+        outputs, alphas = [], []
+        for t in range(steps):
+            output, state, alpha = self.step(embeddings[:, t], memory, state)
+            outputs.append(output)
+            alphas.append(alpha)
+        return torch.stack(outputs), None if alphas[0] is None else torch.stack(alphas)
 
 
 def running_counts(decode_lengths):

@@ -38,7 +38,7 @@ def caption_loss(scores, targets, decode_lengths, alphas, alpha_c, regularize_at
 
     Returns the loss and the packed scores (K, V) and targets (K,) of the real positions.
     """
-    scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data
+    scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data.float()  # (K, V)
     targets = pack_padded_sequence(targets, decode_lengths, batch_first=True).data
     loss = F.cross_entropy(scores, targets, label_smoothing=label_smoothing)
     if regularize_attention and alpha_c:
@@ -71,7 +71,7 @@ class TeacherForced:
         scores, captions_sorted, self.decode_lengths, alphas, self.sort_ind = decoder(
             batch.encoder_out, captions, lengths, self.caption_image)
         self.loss, self.packed_scores, self.targets = caption_loss(
-            scores.float(), captions_sorted[:, 1:], self.decode_lengths, alphas, alpha_c, regularize_attention,
+            scores, captions_sorted[:, 1:], self.decode_lengths, alphas, alpha_c, regularize_attention,
             label_smoothing)
         self.scores = scores  # (N, T, V), sorted by decreasing length
 

@@ -47,7 +47,7 @@ class GpuSizes:
     recommended_batch: int
 
 
-GPU_FULL = GpuSizes("resnet101", 256, 14, 512, 6, COCO_VOCABULARY, 2048, 1024, 5, 20, 5, RECOMMENDED_BATCH)
+GPU_FULL = GpuSizes("resnet101", 256, 14, 512, 6, COCO_VOCABULARY, 2048, 1024, 10, 20, 5, RECOMMENDED_BATCH)
 GPU_QUICK = GpuSizes("resnet18", 64, 4, 64, 1, 400, 12, 8, 1, 2, 1, 60)
 
 
@@ -56,10 +56,12 @@ def runs(sizes):
     course, recommended = BATCH_SIZE, sizes.recommended_batch
     fast = {"decoder_lr": RECOMMENDED_LR}
     yield "course_path_fp32_b32", "attention", course, {"group_captions": False, "feature_cache": False,
-                                                       "mixed_precision": False}
+                                                       "mixed_precision": False, "cuda_graphs": False}
     for decoder in ("attention", "rnn", "adaptive", "transformer"):
         yield f"{decoder}_cache_bf16_b32", decoder, course, {}
         yield f"{decoder}_cache_bf16_b{recommended}", decoder, recommended, fast
+    yield "attention_cache_bf16_b32_no_graphs", "attention", course, {"cuda_graphs": False}
+    yield f"attention_cache_bf16_b{recommended}_no_graphs", "attention", recommended, dict(fast, cuda_graphs=False)
     yield "attention_cache_fp32_b32", "attention", course, {"mixed_precision": False}
     yield f"attention_cache_fp32_b{recommended}", "attention", recommended, dict(fast, mixed_precision=False)
     yield "attention_no_cache_bf16_b32", "attention", course, {"feature_cache": False}
@@ -115,37 +117,7 @@ def gpu_section(work, quick=False):
         figures["runs"]["course_path_fp32_b32"]["samples_per_s"]
     report_ratio("gpu_speedup_over_course_b32", ratio)
     figures["speedup_over_course_b32"] = ratio
-    if device == "cuda":
-        figures["compiled_step"] = compiled_step_figures(data, work, sizes, device, common)
     return figures
-
-
-def compiled_step_figures(data, work, sizes, device, common):
-    """The attention decoder at the recommended batch, plain against its recurrence (`step`: attention, gate,
-    LSTM cell) compiled by torch.compile with dynamic shapes (the captions still running shrink step by step):
-    does compiling the teacher-forced loop pay? Measured, not used by the toolkit unless it does."""
-    batch = sizes.recommended_batch
-    rates = {}
-    for name in ("plain", "compiled"):
-        trainer = make_trainer(data, work, sizes, "attention", device, batch_size=batch, run_name=f"step_{name}",
-                               **dict(common, decoder_lr=RECOMMENDED_LR))
-        if name == "compiled":
-            trainer.decoder_module.step = torch.compile(trainer.decoder_module.step, dynamic=True)
-        steps = training_steps(trainer)
-        try:
-            warmup = 3 * sizes.warmup_steps  # compiling happens here, for the first shapes and for rows == 1
-            _, warmup_seconds = timed(lambda: sum(n for n, _ in itertools.islice(steps, warmup)), device=device)
-            captions, seconds = time_side_by_side({name: (steps, sizes.timed_steps)}, 0, 1, device)[name]
-        except Exception as error:  # noqa: BLE001 - an experiment: its failure is a figure, not the run's end
-            report("gpu_compiled_step", f"{name} failed: {type(error).__name__}: {str(error)[:300]}")
-            return {"error": f"{type(error).__name__}: {error}"}
-        finally:
-            trainer.lock.release()
-        rates[name] = captions / seconds
-        report(f"gpu_train_attention_b{batch}_{name}_step", f"{rates[name]:,.0f} samples/s (first "
-                                                             f"{warmup} steps {warmup_seconds:.1f} s)")
-    report_ratio("gpu_compiled_step_speedup", rates["compiled"] / rates["plain"])
-    return rates
 
 
 def profile_steps(steps, step_seconds, device, count=5):
@@ -160,15 +132,24 @@ def profile_steps(steps, step_seconds, device, count=5):
         synchronize(device)
     events = profiler.events()
     launches = sum(event.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC") for event in events)
+    graph_launches = sum(event.name == "cudaGraphLaunch" for event in events)
     syncs = sum(event.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
                 for event in events)
     kernel_us = sum(getattr(event, "device_time", 0) for event in events
                     if event.device_type == torch.autograd.DeviceType.CUDA)
     busy = kernel_us / 1e6 / count / step_seconds
-    report("gpu_step_profile", f"{launches / count:.0f} kernel launches, {syncs / count:.1f} host synchronisations "
-                               f"per step; the GPU busy {busy:.0%} of a {step_seconds * 1e3:.1f} ms step")
-    return {"kernel_launches": launches / count, "synchronisations": syncs / count, "busy_share": busy,
-            "step_seconds": step_seconds}
+    report("gpu_step_profile", f"{launches / count:.0f} kernel launches, {graph_launches / count:.0f} graph "
+                               f"launches, {syncs / count:.1f} host synchronisations per step; the GPU busy "
+                               f"{busy:.0%} of a {step_seconds * 1e3:.1f} ms step")
+    top = sorted(profiler.key_averages(), key=lambda average: -getattr(average, "self_device_time_total", 0))[:12]
+    heaviest = [{"name": average.key[:80], "calls_per_step": average.count / count,
+                 "device_ms_per_step": getattr(average, "self_device_time_total", 0) / 1e3 / count} for average in top]
+    for row in heaviest:
+        report("gpu_step_heaviest", f"{row['device_ms_per_step']:7.2f} ms {row['calls_per_step']:6.0f} calls  "
+                                    f"{row['name']}")
+    return {"kernel_launches": launches / count, "graph_launches": graph_launches / count,
+            "synchronisations": syncs / count, "busy_share": busy, "step_seconds": step_seconds,
+            "heaviest": heaviest}
 
 
 @torch.inference_mode()

@@ -79,3 +79,26 @@ def test_batched_beam_search_on_cuda_equals_the_one_image_search(name):
                  for i in range(len(encoder_out))]
     assert [c.words for c in batched] == [c.words for c in reference]
     assert [c.score for c in batched] == pytest.approx([c.score for c in reference], abs=1e-4)
+
+
+@pytest.mark.parametrize("decoder", ["attention", "adaptive"])
+def test_cuda_graphs_train_as_the_step_by_step_loop(tiny_shapes, tmp_path, decoder):
+    """Two steps with the recurrence replayed as CUDA graphs against two step-by-step steps, from the same
+    weights: the same losses and weights after (bf16 autocast, so within its tolerance)."""
+    results = {}
+    for graphs in (False, True):
+        cfg = tiny_cfg(tiny_shapes, tmp_path / str(graphs), decoder=decoder, device="cuda", cuda_graphs=graphs,
+                       dropout=0.0, seed=3)
+        trainer = training.Trainer(config.validate_cfg(cfg))
+        try:
+            assert (trainer.decoder_module.recurrence_graphs is not None) == graphs
+            loaded = next(iter(trainer.train_loader))
+            losses = [trainer.train_step(loaded)["loss"][0].item() for _ in range(2)]
+            results[graphs] = losses, [p.detach().float().cpu() for p in trainer.decoder_module.parameters()]
+            if graphs:
+                assert len(trainer.decoder_module.recurrence_graphs.graphs) == 1
+        finally:
+            trainer.lock.release()
+    assert results[True][0] == pytest.approx(results[False][0], rel=2e-2)
+    for graphed, plain in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(graphed, plain, rtol=2e-2, atol=2e-3)

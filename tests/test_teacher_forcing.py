@@ -4,6 +4,7 @@ only the recurrence step by step and the output layer once over all positions; t
 import pytest
 import torch
 
+import cuda_graphs
 from models import DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN, DecoderWithTransformer
 from models import select_rows
 from training_stages import caption_loss
@@ -85,3 +86,35 @@ def test_gradients_of_the_teacher_forced_pass_equal_the_step_by_step_ones(name):
     step_by_step(decoder, encoder_out, captions, lengths, caption_image)[0].square().sum().backward()
     for grad, parameter in zip(grads, decoder.parameters()):
         torch.testing.assert_close(grad, parameter.grad, rtol=1e-4, atol=1e-5)
+
+
+class PlainRecurrences(cuda_graphs.RecurrenceGraphs):
+    """RecurrenceGraphs whose 'capture' keeps the plain Recurrence module: the graphed path's every-row
+    recurrence, step buckets and packing, run on the CPU."""
+
+    def capture(self, key, steps, inputs, memory_count):
+        self.graphs[key] = cuda_graphs.Recurrence(self.decoder, steps, memory_count)
+        return self.graphs[key]
+
+
+@pytest.mark.parametrize("name", ["rnn_cell_loop", "attention", "adaptive"])
+def test_the_every_row_recurrence_of_cuda_graphs_equals_the_step_by_step_pass(name):
+    decoder = make_decoder(name).train()
+    inputs = grouped_batch(images=4, length=20)  # decode lengths up to 19: two buckets of 16 steps
+    torch.manual_seed(2)
+    scores, _, lengths, alphas, _ = decoder(*inputs)
+    decoder.recurrence_graphs = graphs = PlainRecurrences(decoder)
+    torch.manual_seed(2)
+    graphed_scores, _, graphed_lengths, graphed_alphas, _ = decoder(*inputs)
+    assert graphed_lengths == lengths and [key[0] for key in graphs.graphs] == [20]  # min(32 steps, L = 20)
+    torch.testing.assert_close(graphed_scores, scores, rtol=1e-5, atol=1e-5)
+    if alphas is not None:
+        torch.testing.assert_close(graphed_alphas, alphas, rtol=1e-5, atol=1e-5)
+    parameters = [p for p in decoder.parameters() if p.requires_grad]
+    graphed_grads = torch.autograd.grad(graphed_scores.sum(), parameters, allow_unused=True)
+    decoder.recurrence_graphs = None
+    torch.manual_seed(2)
+    grads = torch.autograd.grad(decoder(*inputs)[0].sum(), parameters, allow_unused=True)
+    for got, want in zip(graphed_grads, grads):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,79 @@
+"""The teacher-forced recurrence of a training step replayed as CUDA graphs (a GPU's launch overhead removed).
+
+Step by step, a recurrent decoder launches a few dozen small kernels per word position, forward and backward:
+on a GPU the step is then bound by the Python that launches them, not by the GPU. A CUDA graph records those
+launches once and replays them as one. A graph has fixed shapes, so the graphed recurrence runs every caption
+of the batch through a fixed number of steps (models.RecurrentDecoder.recur; positions past a caption's end
+are computed and never read), the number of steps rounded up to a multiple of STEP_BUCKET: a few graphs per
+batch size, captured the first time each is needed (torch.cuda.make_graphed_callables: forward and backward).
+Batches of another size (an epoch's last) and evaluation run the plain step-by-step loop.
+
+The trainer turns it on for cfg['cuda_graphs'] (None: on a single CUDA GPU for decoders with a step-by-step
+recurrence; the rnn decoder's is cuDNN's already). Autocast must then run without its weight-cast cache.
+"""
+import warnings
+
+import torch
+from torch import nn
+
+STEP_BUCKET = 16  # graphs are captured for 16, 32, 48, ... steps
+
+
+class Recurrence(nn.Module):
+    """decoder.recur over a fixed number of steps as a module of tensor arguments (what make_graphed_callables
+    takes): forward(embeddings, *memory, *state) -> (outputs, attention) or (outputs,)."""
+
+    def __init__(self, decoder, steps, memory_count):
+        super().__init__()
+        self.decoder, self.steps, self.memory_count = decoder, steps, memory_count
+
+    def forward(self, embeddings, *tensors):
+        memory, state = tensors[:self.memory_count], tensors[self.memory_count:]
+        outputs, alphas = self.decoder.recur(embeddings, memory, state, self.steps)
+        return (outputs,) if alphas is None else (outputs, alphas)
+
+
+class RecurrenceGraphs:
+    """The graphed recurrences of one decoder, by batch shape; called as decoder.recurrence_graphs."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.graphs = {}  # (steps, shapes, dtypes and requires_grad of the inputs) -> graphed callable
+        self.failed = False
+
+    def __call__(self, embeddings, memory, state, steps):
+        """(N, L, E) embeddings, memory and state tuples -> step outputs (steps, N, D) and attention (steps, N,
+        P) or None, as decoder.recur gives them."""
+        bucket = min(-(-steps // STEP_BUCKET) * STEP_BUCKET, embeddings.size(1))
+        inputs = (embeddings, *memory, *state)
+        key = (bucket, len(memory), tuple((t.shape, t.dtype, t.requires_grad) for t in inputs))
+        graphed = self.graphs.get(key) or self.capture(key, bucket, inputs, len(memory))
+        if graphed is None:
+            return self.decoder.recur(embeddings, memory, state, steps)
+        outputs = graphed(*inputs)
+        return outputs[0][:steps], outputs[1][:steps] if len(outputs) == 2 else None
+
+    def capture(self, key, steps, inputs, memory_count):
+        """Record the graphs of the forward and backward pass for inputs like `inputs`; None (and step by step
+        from then on) if the capture fails."""
+        if self.failed:
+            return None
+        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+        try:
+            graphed = torch.cuda.make_graphed_callables(Recurrence(self.decoder, steps, memory_count), samples,
+                                                        allow_unused_input=True)
+        except RuntimeError as error:
+            self.failed = True
+            warnings.warn(f"CUDA graphs of the decoder's recurrence could not be captured ({error}); training "
+                          f"goes on step by step (set cfg['cuda_graphs'] = False to skip the attempt)")
+            return None
+        self.graphs[key] = graphed
+        return graphed
+
+
+def wants_graphs(cfg, decoder, device, distributed):
+    """Whether the trainer graphs `decoder`'s recurrence: cfg['cuda_graphs'], where None means on a single
+    CUDA GPU for a decoder whose teacher-forced pass steps through its recurrence."""
+    possible = device.type == "cuda" and not distributed and hasattr(decoder, "recur") and \
+        not getattr(decoder, "fused_lstm", False)
+    return possible if cfg["cuda_graphs"] is None else cfg["cuda_graphs"] and possible

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 STEP_BUCKET = 16  # graphs are captured for 16, 32, 48, ... steps
 
@@ -27,7 +28,14 @@ class Recurrence(nn.Module):
         super().__init__()
         self.decoder, self.steps, self.memory_count = decoder, steps, memory_count
 
-    def forward(self, embeddings, *tensors):
+    def forward(self, embeddings, *tensors, weights_cast=False):
+        device = embeddings.device.type
+        if torch.is_autocast_enabled(device) and not weights_cast:
+            # Every weight cast once for all the steps: autocast without its cache (as graphs need it) would cast
+            # each weight again at every step.
+            dtype = torch.get_autocast_dtype(device)
+            weights = {f"decoder.{name}": weight.to(dtype) for name, weight in self.decoder.named_parameters()}
+            return functional_call(self, weights, (embeddings, *tensors), {"weights_cast": True})
         memory, state = tensors[:self.memory_count], tensors[self.memory_count:]
         outputs, alphas = self.decoder.recur(embeddings, memory, state, self.steps)
         return (outputs,) if alphas is None else (outputs, alphas)

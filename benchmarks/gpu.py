@@ -98,14 +98,18 @@ def gpu_section(work, quick=False):
                                            f"the encoder pass)")
     del encoder
     for run, decoder, batch, overrides in runs(sizes):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         trainer = make_trainer(data, work, sizes, decoder, device, batch_size=batch, run_name=run,
                                **dict(common, **overrides))
         steps = training_steps(trainer)
         captions, seconds = time_side_by_side({run: (steps, sizes.timed_steps)}, sizes.warmup_steps, 1, device)[run]
         rate = captions / seconds
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
         figures["runs"][run] = {"samples_per_s": rate, "captions": captions, "seconds": seconds,
-                                "coco_epoch_minutes": COCO_EPOCH_CAPTIONS / rate / 60}
-        report(f"gpu_train_{run}", f"{rate:,.0f} samples/s (COCO epoch {COCO_EPOCH_CAPTIONS / rate / 60:.1f} min)")
+                                "coco_epoch_minutes": COCO_EPOCH_CAPTIONS / rate / 60, "peak_memory_gib": peak}
+        report(f"gpu_train_{run}", f"{rate:,.0f} samples/s (COCO epoch {COCO_EPOCH_CAPTIONS / rate / 60:.1f} min, "
+                                   f"peak memory {peak:.1f} GiB)")
         if run == f"attention_cache_bf16_b{sizes.recommended_batch}":
             figures["profile"] = profile_steps(steps, seconds / sizes.timed_steps, device)
             figures["scst"] = scst_section(trainer, data, work, sizes, device, **common)

@@ -5,11 +5,13 @@ on a GPU the step is then bound by the Python that launches them, not by the GPU
 launches once and replays them as one. A graph has fixed shapes, so the graphed recurrence runs every caption
 of the batch through a fixed number of steps (models.RecurrentDecoder.recur; positions past a caption's end
 are computed and never read), the number of steps rounded up to a multiple of STEP_BUCKET: a few graphs per
-batch size, captured the first time each is needed (torch.cuda.make_graphed_callables: forward and backward).
-Batches of another size (an epoch's last) and evaluation run the plain step-by-step loop.
+batch size (an epoch's shorter last batch has its own), each captured the first time it is needed
+(torch.cuda.make_graphed_callables: forward and backward). Evaluation runs the plain step-by-step loop.
 
-The trainer turns it on for cfg['cuda_graphs'] (None: on a single CUDA GPU for decoders with a step-by-step
-recurrence; the rnn decoder's is cuDNN's already). Autocast must then run without its weight-cast cache.
+Autocast must run without its weight-cast cache under graphs, and it casts activations at every use: so under
+autocast the recurrence casts the weights, and the memory that start() gives and the steps' matrix products
+read, once for all the steps. The trainer turns graphs on for cfg['cuda_graphs'] (None: on a single CUDA GPU
+for decoders with a step-by-step recurrence; the rnn decoder's is cuDNN's already).
 """
 import warnings
 
@@ -31,11 +33,13 @@ class Recurrence(nn.Module):
     def forward(self, embeddings, *tensors, weights_cast=False):
         device = embeddings.device.type
         if torch.is_autocast_enabled(device) and not weights_cast:
-            # Every weight cast once for all the steps: autocast without its cache (as graphs need it) would cast
-            # each weight again at every step.
+            # Every weight, and the memory the steps' matrix products read, cast once for all the steps: autocast
+            # without its cache (as graphs need it) would cast each again at every step.
             dtype = torch.get_autocast_dtype(device)
             weights = {f"decoder.{name}": weight.to(dtype) for name, weight in self.decoder.named_parameters()}
-            return functional_call(self, weights, (embeddings, *tensors), {"weights_cast": True})
+            memory = tuple(m.to(dtype) if m.is_floating_point() else m for m in tensors[:self.memory_count])
+            return functional_call(self, weights, (embeddings, *memory, *tensors[self.memory_count:]),
+                                   {"weights_cast": True})
         memory, state = tensors[:self.memory_count], tensors[self.memory_count:]
         outputs, alphas = self.decoder.recur(embeddings, memory, state, self.steps)
         return (outputs,) if alphas is None else (outputs, alphas)

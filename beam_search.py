@@ -5,13 +5,27 @@ a beam that emits <end> is complete and the image keeps searching with one beam 
 result is the complete caption with the highest total log-probability (the earliest on a tie).
 When no beam completes within max_steps, the best running beam is returned. The one-image search
 is kept as the reference the batched search is tested against: they give the same captions.
+
+Three options change the search (both searches take them and stay equal):
+- length_penalty (alpha, default 0): the complete captions of an image are ranked by GNMT's normalised
+  score, total log-probability / ((5 + length) / 6) ** alpha, length counting every generated word with
+  <end> (not <start>), as self-critical.pytorch's `length_wu`. As there, it applies only where complete
+  captions are compared, at the end: the beams are still chosen by their total log-probability at each
+  step. With 0 the ranking is by total log-probability, as the course's.
+- block_trigrams (default False): a beam may not write a trigram it has already written; the words that
+  would repeat one get a log-probability of -inf before the beams' candidates are ranked.
+- n_best (default 1, at most beam_size): each image's n_best captions, best first: its complete captions by
+  ranking score (the earliest on a tie), then, when fewer than n_best completed within max_steps, its best
+  running beams.
 """
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from models import select_rows
+from utils import ToolkitError
 
 
 @dataclass
@@ -22,15 +36,47 @@ class Caption:
     score: float  # total log-probability
     alphas: torch.Tensor = None  # (T, P) attention over the P regions for each of the T generated words
     betas: torch.Tensor = None  # (T,) sentinel weight of the adaptive decoder
+    ranking_score: float = None  # the score it is ranked by: `score` length-normalised with length_penalty
 
 
-def make_caption(decoder, words, score, attention):
-    """Split the attention trail (T, P) or (T, P + 1) of a decoder into alphas and betas."""
-    if attention is None:
-        return Caption(words, score)
-    if decoder.has_sentinel:
-        return Caption(words, score, attention[:, :-1], attention[:, -1])
-    return Caption(words, score, attention)
+def check_search_options(beam_size, length_penalty, block_trigrams, n_best):
+    """Refuse a length_penalty, block_trigrams or n_best the search cannot use (their options: --length-penalty,
+    --block-trigrams, --n-best)."""
+    if (not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool)
+            or not math.isfinite(length_penalty) or length_penalty < 0):
+        raise ToolkitError(f"length_penalty = {length_penalty!r} must be a number of at least 0 (--length-penalty; "
+                           f"0 ranks the captions by their total log-probability)")
+    if not isinstance(block_trigrams, bool):
+        raise ToolkitError(f"block_trigrams = {block_trigrams!r} must be True or False (--block-trigrams)")
+    if not isinstance(n_best, int) or isinstance(n_best, bool) or not 1 <= n_best <= beam_size:
+        raise ToolkitError(f"n_best = {n_best!r} must be a whole number from 1 to beam_size ({beam_size}) "
+                           f"(--n-best)")
+
+
+def ranking_score(score, length, length_penalty):
+    """GNMT's length-normalised score of a caption of `length` generated words (with <end>)."""
+    return score / ((5 + length) / 6) ** length_penalty
+
+
+def make_caption(decoder, words, score, attention, length_penalty):
+    """A Caption of word ids (T + 1,), its total log-probability and ranking score; the decoder's attention trail
+    (T, P) or (T, P + 1) is split into alphas and betas."""
+    words = words.tolist()
+    caption = Caption(words, score, ranking_score=ranking_score(score, len(words) - 1, length_penalty))
+    if attention is not None:
+        attention = attention.cpu()
+        caption.alphas, caption.betas = (attention[:, :-1], attention[:, -1]) if decoder.has_sentinel else (
+            attention, None)
+    return caption
+
+
+def best_captions(decoder, complete, running, n_best, length_penalty):
+    """The n_best Captions of one image from its (words, score, attention) complete captions in the order they
+    completed and its running beams in score order: the complete ones by ranking score (sorted is stable: the
+    earliest first on a tie), then running beams when fewer than n_best completed."""
+    ranked = sorted(complete, key=lambda found: -ranking_score(found[1], len(found[0]) - 1, length_penalty))
+    return [make_caption(decoder, words, score, attention, length_penalty)
+            for words, score, attention in (ranked + running)[:n_best]]
 
 
 def expand_start(decoder, encoder_out, beams):
@@ -47,9 +93,18 @@ def step_log_probs(decoder, words, memory, state):
     return F.log_softmax(preds, dim=1), state, attention
 
 
+def repeated_trigram_words(words):
+    """The words that would repeat a trigram of `words` (a list of ids) if written next."""
+    trigrams = set(zip(words, words[1:], words[2:]))
+    return {third for first, second, third in trigrams if (first, second) == tuple(words[-2:])}
+
+
 @torch.inference_mode()
-def beam_search_one(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=50):
-    """The course's beam search for one image: encoder_out (1, G, G, C) or (1, P, C) -> Caption."""
+def beam_search_one(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=50, length_penalty=0.0,
+                    block_trigrams=False, n_best=1):
+    """The course's beam search for one image: encoder_out (1, G, G, C) or (1, P, C) -> Caption, or with
+    n_best > 1 a list of n_best Captions, best first (the options: the module's docstring)."""
+    check_search_options(beam_size, length_penalty, block_trigrams, n_best)
     k = beam_size
     memory, state = expand_start(decoder, encoder_out, k)
     prev_words = torch.full((k,), start_id, dtype=torch.long, device=encoder_out.device)
@@ -59,6 +114,10 @@ def beam_search_one(decoder, encoder_out, start_id, end_id, beam_size=3, max_ste
     complete = []  # (words, score, attention) in completion order
     for step in range(1, max_steps + 1):
         log_probs, state, attention = step_log_probs(decoder, prev_words, memory, state)
+        if block_trigrams:
+            for beam, words in enumerate(seqs.tolist()):
+                for word in repeated_trigram_words(words):
+                    log_probs[beam, word] = float("-inf")
         vocab_size = log_probs.size(1)
         scores = top_k_scores.unsqueeze(1) + log_probs  # (k, V)
         candidates = scores[0] if step == 1 else scores.reshape(-1)
@@ -78,22 +137,23 @@ def beam_search_one(decoder, encoder_out, start_id, end_id, beam_size=3, max_ste
         seqs, top_k_scores, prev_words = seqs[running], top_k_scores[running], next_word[running]
         trail = None if trail is None else trail[running]
         state = select_rows(state, prev_beam[running])  # memory: the image's one row, for any number of beams
-    if not complete:  # nothing reached <end>: the best running beam (they are sorted)
-        complete = [(seqs[0], top_k_scores[0].item(), None if trail is None else trail[0])]
-    scores = [score for _, score, _ in complete]
-    words, score, attention = complete[scores.index(max(scores))]
-    return make_caption(decoder, words.tolist(), score, None if attention is None else attention.cpu())
+    running = [(seqs[i], top_k_scores[i].item(), None if trail is None else trail[i]) for i in range(k)]  # sorted
+    captions = best_captions(decoder, complete, running, n_best, length_penalty)
+    return captions[0] if n_best == 1 else captions
 
 
 @torch.inference_mode()
-def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=50):
-    """Batched beam search: encoder_out (B, G, G, C) or (B, P, C) -> list of B Captions.
+def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=50, length_penalty=0.0,
+                block_trigrams=False, n_best=1):
+    """Batched beam search: encoder_out (B, G, G, C) or (B, P, C) -> list of B Captions, or with n_best > 1 of B
+    lists of n_best Captions, best first (the options: the module's docstring).
 
     Every image searching has k rows of the batch, image after image (its k consecutive state rows share its
     memory row): its running beams first, in score order, then masked slots, whose score is -inf so that they
     never give a candidate (at the first step all but the first beam are masked, as the course expands only
     the first). A beam that completes masks its slot; an image whose search ended leaves the batch.
     """
+    check_search_options(beam_size, length_penalty, block_trigrams, n_best)
     k, device = beam_size, encoder_out.device
     memory, state = expand_start(decoder, encoder_out, k)  # k state rows per image
     batch = state[0].size(0) // k
@@ -104,9 +164,12 @@ def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=5
     row_scores = torch.zeros(batch, k, device=device).masked_fill(rank > 0, float("-inf"))  # (B, k)
     trail = None  # (B k, t, P)
     image_ids = torch.arange(batch, device=device)  # original index of each image still searching
-    best = [None] * batch  # (score, words, attention) of the best complete caption per image
+    complete = [[] for _ in range(batch)]  # per image, its complete (words, score, attention) in completion order
+    unfinished = [[] for _ in range(batch)]  # per image, its running beams when max_steps ends the search
     for step in range(1, max_steps + 1):
         log_probs, state, attention = step_log_probs(decoder, prev_words, memory, state)
+        if block_trigrams:
+            log_probs = block_repeated_trigrams(log_probs, seqs)
         images, vocab_size = beams_left.size(0), log_probs.size(1)
         # Each image's candidates: its beams' scores plus each next word, -inf from its masked slots.
         scores = row_scores.view(-1, 1) + log_probs  # (B k, V)
@@ -120,11 +183,11 @@ def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=5
         # As in the one-image search, an image with b beams left takes only its b best candidates.
         taken = rank.unsqueeze(0) < beams_left.unsqueeze(1)
         finished = taken & (next_word == end_id)
-        record_completions(best, finished, top_scores, seqs, trail, image_ids)
+        record_beams(complete, finished, top_scores, seqs, trail, image_ids)
         beams_left = beams_left - finished.sum(dim=1)
         running = taken & ~finished  # (B, k)
         if step == max_steps or not running.any():
-            record_unfinished(best, top_scores.masked_fill(~running, float("-inf")), seqs, trail, image_ids)
+            record_beams(unfinished, running, top_scores, seqs, trail, image_ids)
             break
         searching = beams_left > 0
         if not searching.all():  # drop images whose search ended: the others keep k rows each
@@ -140,24 +203,23 @@ def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=5
         prev_words, seqs = next_word.gather(1, order).flatten(), seqs[image, order].flatten(0, 1)
         row_scores = top_scores.gather(1, order).masked_fill(rank >= beams_left.unsqueeze(1), float("-inf"))
         trail = None if trail is None else trail[image, order].flatten(0, 1)
-    return [make_caption(decoder, words.tolist(), score, None if attention is None else attention.cpu())
-            for score, words, attention in best]
+    captions = [best_captions(decoder, complete[i], unfinished[i], n_best, length_penalty) for i in range(batch)]
+    return [found[0] for found in captions] if n_best == 1 else captions
 
 
-def record_completions(best, finished, scores, seqs, trail, image_ids):
-    """Keep, per image, the complete caption with the highest score (earliest wins a tie)."""
-    masked = scores.masked_fill(~finished, float("-inf"))
-    step_best_score, step_best_beam = masked.max(dim=1)  # max returns the first maximal beam
-    for row in finished.any(dim=1).nonzero().flatten().tolist():
-        image, beam, score = image_ids[row].item(), step_best_beam[row].item(), step_best_score[row].item()
-        if best[image] is None or score > best[image][0]:
-            best[image] = (score, seqs[row, beam], None if trail is None else trail[row, beam])
+def block_repeated_trigrams(log_probs, seqs):
+    """Log-probabilities (N, V) with -inf for each row's words that would repeat a trigram of its words (N, t)."""
+    if seqs.size(1) < 3:
+        return log_probs
+    # position j of a row is a match when its words j, j + 1 are the row's last two: word j + 2 would repeat
+    match = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])  # (N, t - 2)
+    repeats = torch.zeros_like(log_probs).scatter_add_(1, seqs[:, 2:], match.to(log_probs.dtype))  # (N, V)
+    return log_probs.masked_fill(repeats > 0, float("-inf"))
 
 
-def record_unfinished(best, beam_scores, seqs, trail, image_ids):
-    """Images with no complete caption after max_steps take their best running beam."""
-    for row, image in enumerate(image_ids.tolist()):
-        if best[image] is None:
-            beam = beam_scores[row].argmax().item()
-            best[image] = (beam_scores[row, beam].item(), seqs[row, beam],
-                           None if trail is None else trail[row, beam])
+def record_beams(into, chosen, scores, seqs, trail, image_ids):
+    """Append each image's chosen beams (B, k) to into[image] as (words, score, attention), in beam order."""
+    rows, beams = chosen.nonzero().unbind(1)
+    images = image_ids[rows].tolist()
+    for image, row, beam, score in zip(images, rows.tolist(), beams.tolist(), scores[rows, beams].tolist()):
+        into[image].append((seqs[row, beam], score, None if trail is None else trail[row, beam]))

@@ -15,7 +15,7 @@ import sys
 import torch
 from PIL import Image
 
-from beam_search import beam_search
+from beam_search import beam_search, check_search_options
 from checkpoints import check_checkpoint, load_checkpoint
 from config import pick_device
 from encoding import encode_images, inference_plan
@@ -156,33 +156,42 @@ class Captioner:
         passes of up to largest_batch images."""
         return encode_images(self.encoder, images.to(self.device), inference_plan(self.device, largest_batch))
 
-    def decode(self, encoder_out, beam_size=3, max_steps=50):
-        """Encodings (B, G, G, C) -> list of B beam_search Captions."""
-        return beam_search(self.decoder, encoder_out, self.word_map["<start>"], self.word_map["<end>"], beam_size,
-                           max_steps)
+    def decode(self, encoder_out, beam_size=3, max_steps=50, length_penalty=0.0, block_trigrams=False, n_best=1):
+        """Encodings (B, G, G, C) -> per image, a list of its n_best beam_search Captions, best first (n_best at most
+        beam_size, which clamp_beam_size may have lowered)."""
+        n_best = min(n_best, beam_size)
+        found = beam_search(self.decoder, encoder_out, self.word_map["<start>"], self.word_map["<end>"], beam_size,
+                            max_steps, length_penalty, block_trigrams, n_best)
+        return [[caption] for caption in found] if n_best == 1 else found
 
-    def caption(self, images, beam_size=3, max_steps=50, batch_size=50):
+    def caption(self, images, beam_size=3, max_steps=50, batch_size=50, length_penalty=0.0, block_trigrams=False,
+                n_best=1):
         """Caption paths (files or folders), PIL images or uint8 tensors (3, H, W) (one, a list, or a tensor
-        (B, 3, H, W)), batch_size at a time.
+        (B, 3, H, W)), batch_size at a time; length_penalty, block_trigrams and n_best: see beam_search.py.
 
         Returns one dict per image, in order: path (None for an image in memory), caption (str; None when
         the image could not be read, with the reason in error), words (every word from <start> to <end>),
         seq (their ids), score (total log-probability), alphas ((T, P) attention per generated word, None
-        without attention), betas ((T,) sentinel weights of the adaptive decoder, else None), grid (G).
+        without attention), betas ((T,) sentinel weights of the adaptive decoder, else None), grid (G), and
+        n_best: the n_best captions, best first (the first is the caption above), each a dict of caption, seq,
+        score and ranking_score (the score length-normalised with length_penalty, which ranks them).
         """
         check_beam_size(beam_size)
+        check_search_options(beam_size, length_penalty, block_trigrams, n_best)
         check_whole_number("max_steps", max_steps)
         check_whole_number("batch_size", batch_size)
-        beam_size = clamp_beam_size(beam_size, self.word_map)
+        search = {"beam_size": clamp_beam_size(beam_size, self.word_map), "max_steps": max_steps,
+                  "length_penalty": length_penalty, "block_trigrams": block_trigrams, "n_best": n_best}
         sources = expand_folders(images)
         results = []
         largest_batch = min(batch_size, len(sources))
         for start in range(0, len(sources), batch_size):
-            results.extend(self.caption_batch(sources[start:start + batch_size], beam_size, max_steps, largest_batch))
+            results.extend(self.caption_batch(sources[start:start + batch_size], largest_batch, search))
         return results
 
-    def caption_batch(self, sources, beam_size, max_steps, largest_batch):
-        """Results of caption() for one batch of sources: the readable ones go through the model together."""
+    def caption_batch(self, sources, largest_batch, search):
+        """Results of caption() for one batch of sources: the readable ones go through the model together, searched
+        with decode's keywords `search`."""
         results, pixels = [], []
         for source in sources:
             results.append({"path": source_name(source), "caption": None, "error": None})
@@ -194,16 +203,25 @@ class Captioner:
         readable = [result for result in results if result["error"] is None]
         if readable:
             encoder_out = self.encode(torch.stack(pixels), largest_batch)  # (B, G, G, C)
-            for result, found in zip(readable, self.decode(encoder_out, beam_size, max_steps)):
+            for result, found in zip(readable, self.decode(encoder_out, **search)):
                 result.update(self.describe(found))
         return results
 
     def describe(self, found):
-        """The fields of a result for one beam_search Caption."""
-        text = " ".join(self.words[w] for w in strip_special(found.words, self.word_map))
-        return {"caption": text, "words": [self.words[w] for w in found.words], "seq": found.words,
-                "score": found.score, "alphas": found.alphas, "betas": found.betas,
-                "grid": self.cfg["encoded_image_size"]}
+        """The fields of a result for an image's beam_search Captions, best first."""
+        best = found[0]
+        return {"caption": self.text(best), "words": [self.words[w] for w in best.words], "seq": best.words,
+                "score": best.score, "alphas": best.alphas, "betas": best.betas,
+                "grid": self.cfg["encoded_image_size"], "n_best": self.n_best_fields(found)}
+
+    def n_best_fields(self, found):
+        """An image's Captions as dicts of caption, seq, score and ranking_score, in their order."""
+        return [{"caption": self.text(caption), "seq": caption.words, "score": caption.score,
+                 "ranking_score": caption.ranking_score} for caption in found]
+
+    def text(self, caption):
+        """A Caption's words without the special ones, joined by spaces."""
+        return " ".join(self.words[w] for w in strip_special(caption.words, self.word_map))
 
 
 def result_figure(result, smooth=True, out=None):

@@ -13,6 +13,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
+from beam_search import check_search_options
 from captioner import Captioner, check_beam_size, check_whole_number, clamp_beam_size, expand_folders, result_figure
 from checkpoints import check_checkpoint, load_checkpoint
 from coco_results import check_coco_results, write_coco_results
@@ -34,9 +35,11 @@ def train(cfg):
     return Trainer(validate_cfg(cfg)).run()
 
 
-def check_inference_options(beam_size, batch_size, max_steps, workers=None):
-    """The numbers test, caption and compare take, refused before any work as the cfg's are (validate_cfg)."""
+def check_inference_options(beam_size, batch_size, max_steps, workers=None, length_penalty=0.0, block_trigrams=False,
+                            n_best=1):
+    """The options test, caption and compare take, refused before any work as the cfg's are (validate_cfg)."""
     check_beam_size(beam_size)
+    check_search_options(beam_size, length_penalty, block_trigrams, n_best)
     check_whole_number("batch_size", batch_size)
     check_whole_number("max_steps", max_steps)
     if workers is not None:
@@ -52,15 +55,18 @@ def inference_workers(workers, device):
 
 
 def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_folder=None, batch_size=50,
-         max_steps=50, blind=False, device=None, coco_metrics=True, workers=None):
+         max_steps=50, blind=False, device=None, coco_metrics=True, workers=None, length_penalty=0.0,
+         block_trigrams=False, n_best=1):
     """Beam search over a split (no teacher forcing); prints and returns the scores.
 
     Returns a dict with the course's BLEU (`bleu1`..`bleu4`, nltk corpus_bleu against the split's
     captions) and, with coco_metrics, the coco-caption metrics against each image's full original
     references. `blind` replaces every image by a black one: what this model says about an image with nothing
     in it (not a language prior: a model never trained on such images; the demo's blind control is trained on them).
+    length_penalty and block_trigrams change the search (beam_search.py); the best caption is scored, and with
+    n_best > 1 predictions_json also holds each image's n_best captions with their scores.
     """
-    check_inference_options(beam_size, batch_size, max_steps, workers)
+    check_inference_options(beam_size, batch_size, max_steps, workers, length_penalty, block_trigrams, n_best)
     if predictions_json:
         check_writable_file(predictions_json, "predictions_json (--predictions-json)")
     captioner = Captioner.from_checkpoint(checkpoint, device)
@@ -74,14 +80,15 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     workers = inference_workers(workers, captioner.device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          worker_init_fn=loader_worker_init if workers > 0 else None)
-    references, hypotheses, decoded = [], [], []
+    references, hypotheses, ranked = [], [], []  # ranked: per image, its n_best Captions
     for images, captions, _ in tqdm(loader, desc=f"beam search {split} (k={beam_size})", unit="batch"):
         images = torch.zeros_like(images) if blind else images
-        found = captioner.decode(captioner.encode(images, min(batch_size, len(dataset))), beam_size, max_steps)
-        for best, image_captions in zip(found, captions.tolist()):
+        found = captioner.decode(captioner.encode(images, min(batch_size, len(dataset))), beam_size, max_steps,
+                                 length_penalty, block_trigrams, n_best)
+        for image_found, image_captions in zip(found, captions.tolist()):
             references.append([strip_special(c, word_map) for c in image_captions])
-            hypotheses.append(strip_special(best.words, word_map))
-            decoded.append(best)
+            hypotheses.append(strip_special(image_found[0].words, word_map))
+            ranked.append(image_found)
     scores, unavailable = course_bleu(references, hypotheses), {}
     words = {index: word for word, index in word_map.items()}
     sentences = [" ".join(words[w] for w in hypothesis) for hypothesis in hypotheses]
@@ -94,6 +101,7 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
                                     {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs.references)})
         scores.update(coco["scores"])
         unavailable = coco["unavailable"]
+    decoded = [image_found[0] for image_found in ranked]
     per_image_grounding = [None] * len(decoded)
     if captioner.decoder.has_attention and any(refs.objects):  # data with boxes: does attention look at what it names?
         grounding, per_image_grounding = caption_grounding(decoded, words, refs.objects, cfg["encoded_image_size"])
@@ -103,21 +111,32 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     for line in format_metrics(scores, unavailable):
         print(line)
     if predictions_json:
+        predictions = [{"image_id": image_id, "caption": sentence, "mass_in_box": mass}
+                       for image_id, sentence, mass in zip(refs.image_ids, sentences, per_image_grounding)]
+        if n_best > 1:
+            for prediction, image_found in zip(predictions, ranked):
+                prediction["n_best"] = n_best_json(captioner.n_best_fields(image_found))
         with atomic_path(predictions_json) as tmp, open(tmp, "w", encoding="utf-8") as file:
-            json.dump([{"image_id": image_id, "caption": sentence, "mass_in_box": mass}
-                       for image_id, sentence, mass in zip(refs.image_ids, sentences, per_image_grounding)], file,
-                      indent=1)
+            json.dump(predictions, file, indent=1)
     return scores
 
 
+def n_best_json(fields):
+    """An image's n best captions as written to JSON: [{caption, score, ranking_score}], best first."""
+    return [{key: entry[key] for key in ("caption", "score", "ranking_score")} for entry in fields]
+
+
 def caption(checkpoint, images, beam_size=3, max_steps=50, batch_size=50, device=None, output=None, figures=None,
-            smooth=True, coco_results=None):
+            smooth=True, length_penalty=0.0, block_trigrams=False, n_best=1, coco_results=None):
     """Caption image files (a folder stands for its image files). Returns Captioner.caption's dicts: path,
-    caption (str), words, seq, score, alphas, betas, grid; an unreadable image is reported and gets caption
-    None and an error. `output`: also write JSON lines {"file", "caption", "score"}; `figures`: a folder for
-    each image's attention figure (<name>.png); `coco_results`: the COCO evaluation server's JSON
-    [{"image_id", "caption"}] (file names COCO_val2014_<id>.jpg; see coco_results.py)."""
-    check_inference_options(beam_size, batch_size, max_steps)
+    caption (str), words, seq, score, alphas, betas, grid, n_best; an unreadable image is reported and gets
+    caption None and an error. `output`: also write JSON lines {"file", "caption", "score"} (with n_best > 1 also
+    "n_best", the n best with their scores); `figures`: a folder for each image's attention figure (<name>.png);
+    `coco_results`: the COCO evaluation server's JSON [{"image_id", "caption"}] (file names
+    COCO_val2014_<id>.jpg; see coco_results.py). length_penalty and block_trigrams change the search
+    (beam_search.py)."""
+    check_inference_options(beam_size, batch_size, max_steps, length_penalty=length_penalty,
+                            block_trigrams=block_trigrams, n_best=n_best)
     if output:
         check_writable_file(output, "output (--output)")
     if figures:
@@ -126,9 +145,10 @@ def caption(checkpoint, images, beam_size=3, max_steps=50, batch_size=50, device
     if coco_results:
         check_writable_file(coco_results, "coco_results (--coco-results)")
         check_coco_results(coco_results, sources)
-    results = Captioner.from_checkpoint(checkpoint, device).caption(sources, beam_size, max_steps, batch_size)
+    results = Captioner.from_checkpoint(checkpoint, device).caption(sources, beam_size, max_steps, batch_size,
+                                                                    length_penalty, block_trigrams, n_best)
     if output:
-        write_json_lines(output, results)
+        write_json_lines(output, results, n_best)
     if figures:
         write_figures(figures, results, smooth)
     if coco_results:
@@ -136,13 +156,16 @@ def caption(checkpoint, images, beam_size=3, max_steps=50, batch_size=50, device
     return results
 
 
-def write_json_lines(path, results):
-    """One line per result, {"file", "caption", "score"} (and "error" for an image that could not be read)."""
+def write_json_lines(path, results, n_best=1):
+    """One line per result, {"file", "caption", "score"} (and "error" for an image that could not be read; with
+    n_best > 1, "n_best" for one that was captioned)."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as file:
         for result in results:
             line = {"file": result["path"], "caption": result["caption"], "score": result.get("score")}
             if result["error"]:
                 line["error"] = result["error"]
+            elif n_best > 1:
+                line["n_best"] = n_best_json(result["n_best"])
             file.write(json.dumps(line) + "\n")
 
 
@@ -173,7 +196,8 @@ def compare(checkpoints, beam_size=3, split="TEST", out=None, **test_options):
     """Test several checkpoints and return (and print) a markdown table of all their metrics (one row each,
     labelled by file name, with as many parent folders as it takes to tell them apart)."""
     check_inference_options(beam_size, test_options.get("batch_size", 50), test_options.get("max_steps", 50),
-                            test_options.get("workers"))
+                            test_options.get("workers"), test_options.get("length_penalty", 0.0),
+                            test_options.get("block_trigrams", False))
     if out:
         check_writable_file(out, "out (--out)")
     cfgs = [check_checkpoint(load_checkpoint(path), path)["cfg"] for path in checkpoints]  # all, before any work
@@ -222,6 +246,10 @@ OPTION_HELP = {
     "beam_size": "beam width of the beam search",
     "split": "the split to decode",
     "predictions_json": "also write [{image_id, caption}] to this JSON file",
+    "length_penalty": "alpha of GNMT's length normalisation of the complete captions' ranking: log-probability / "
+                      "((5 + length) / 6) ** alpha; 0: the total log-probability",
+    "block_trigrams": "a beam may not write a trigram it has already written",
+    "n_best": "the n best captions of each image, with their scores, in the JSON written (at most the beam size)",
     "data_folder": "where the data is now, if it moved since training",
     "batch_size": "images per batch of the encoder and the beam search",
     "max_steps": "longest caption, in words, before the beam search stops",
@@ -248,7 +276,7 @@ POSITIONAL = {"images": "IMAGE", "checkpoints": "CHECKPOINT", "path": "CHECKPOIN
 VARIADIC = ("images", "checkpoints")  # positional arguments taking one or more values
 
 
-PASSED_ON_SKIP = ("checkpoint", "predictions_json")  # test's keywords that compare does not pass on
+PASSED_ON_SKIP = ("checkpoint", "predictions_json", "n_best")  # test's keywords that compare does not pass on
 
 
 def function_parameters(function, extra=None):

@@ -1,5 +1,7 @@
-"""The Captioner (against beam_search on the same inputs, bad images in a batch), the encoder pass in every
-layout and chunk size it may pick, and checkpoints of an earlier version of the toolkit."""
+"""The Captioner (against beam_search on the same inputs, bad images in a batch, the decoding options from the
+command line), the encoder pass in every layout and chunk size it may pick, and checkpoints of an earlier version of
+the toolkit."""
+import inspect
 import json
 import os
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import captioner as captioner_module
 import config
 import encoding
 import solver
@@ -90,6 +93,57 @@ def test_caption_writes_json_lines_and_figures_for_a_folder(trained, tiny_shapes
     assert [line["file"] for line in lines] == [os.path.join(str(folder), f"shapes_00000{i}.jpg") for i in range(2)]
     assert [(line["caption"], line["score"]) for line in lines] == [(r["caption"], r["score"]) for r in results]
     assert sorted(os.listdir(figures)) == ["shapes_000000.png", "shapes_000001.png"]
+
+
+def test_the_captioner_gives_the_n_best_of_beam_search(trained, tiny_shapes):
+    captioner = Captioner.from_checkpoint(trained["best_checkpoint"], device="cpu")
+    paths = shapes_images(tiny_shapes, 2)
+    options = {"length_penalty": 0.6, "block_trigrams": True, "n_best": 3}
+    encoder_out = captioner.encode(torch.stack([read_image(path, captioner.image_size) for path in paths]))
+    expected = beam_search(captioner.decoder, encoder_out, captioner.word_map["<start>"], captioner.word_map["<end>"],
+                           3, 20, **options)
+    results = captioner.caption(paths, beam_size=3, max_steps=20, **options)
+    for result, found in zip(results, expected):
+        assert [entry["seq"] for entry in result["n_best"]] == [caption.words for caption in found]
+        assert [entry["ranking_score"] for entry in result["n_best"]] == pytest.approx(
+            [caption.ranking_score for caption in found], abs=1e-4)
+        assert result["n_best"][0]["caption"] == result["caption"] and result["n_best"][0]["seq"] == result["seq"]
+    with pytest.raises(ToolkitError, match=r"n_best = 4 must be a whole number from 1 to beam_size \(3\)"):
+        captioner.caption(paths, beam_size=3, n_best=4)
+
+
+def test_the_decoding_options_reach_the_search_from_the_command_line(trained, tiny_shapes, tmp_path, monkeypatch):
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(inspect.signature(beam_search).bind(*args, **kwargs).arguments)
+        return beam_search(*args, **kwargs)
+
+    monkeypatch.setattr(captioner_module, "beam_search", recording)
+    options = ["--beam-size", "3", "--length-penalty", "0.6", "--block-trigrams", "--n-best", "2", "--device", "cpu"]
+    predictions, lines = tmp_path / "predictions.json", tmp_path / "captions.jsonl"
+    solver.main(["test", "--checkpoint", trained["best_checkpoint"], "--predictions-json", str(predictions),
+                 "--no-coco-metrics", *options])
+    solver.main(["caption", "--checkpoint", trained["best_checkpoint"], *shapes_images(tiny_shapes, 2),
+                 "--output", str(lines), *options])
+    assert calls and all((call["beam_size"], call["length_penalty"], call["block_trigrams"], call["n_best"]) ==
+                         (3, 0.6, True, 2) for call in calls)
+    written = json.loads(predictions.read_text()) + [json.loads(line) for line in lines.read_text().splitlines()]
+    assert len(written) == 8 + 2
+    for entry in written:
+        assert [set(ranked) for ranked in entry["n_best"]] == [{"caption", "score", "ranking_score"}] * 2
+        assert entry["n_best"][0]["caption"] == entry["caption"]
+        assert entry["n_best"][0]["ranking_score"] >= entry["n_best"][1]["ranking_score"]
+
+
+def test_n_best_one_writes_what_it_always_did(trained, tmp_path):
+    """The default predictions file has no n_best, and n_best = 2 keeps its captions."""
+    default, two = tmp_path / "default.json", tmp_path / "two.json"
+    solver.test(trained["best_checkpoint"], beam_size=3, predictions_json=str(default), coco_metrics=False)
+    solver.test(trained["best_checkpoint"], beam_size=3, predictions_json=str(two), coco_metrics=False, n_best=2)
+    default, two = json.loads(default.read_text()), json.loads(two.read_text())
+    assert all(set(entry) == {"image_id", "caption", "mass_in_box"} for entry in default)
+    assert [{key: entry[key] for key in ("image_id", "caption", "mass_in_box")} for entry in two] == default
 
 
 # ---------------------------------------------------------------- the encoder pass

@@ -159,10 +159,23 @@ def test_the_options_reach_the_functions(monkeypatch):
 
     monkeypatch.setattr(solver, "test", record)
     solver.main(["test", "--checkpoint", "c.pth.tar", "--device", "cpu", "--batch-size", "7", "--max-steps", "9",
-                 "--split", "VAL", "--no-coco-metrics", "--workers", "1", "--blind"])
+                 "--split", "VAL", "--no-coco-metrics", "--workers", "1", "--blind", "--length-penalty", "0.6",
+                 "--block-trigrams", "--n-best", "2"])
     assert calls["test"] == {"checkpoint": "c.pth.tar", "beam_size": 3, "split": "VAL", "predictions_json": None,
                              "data_folder": None, "batch_size": 7, "max_steps": 9, "blind": True, "device": "cpu",
-                             "coco_metrics": False, "workers": 1}
+                             "coco_metrics": False, "workers": 1, "length_penalty": 0.6, "block_trigrams": True,
+                             "n_best": 2}
+
+
+@pytest.mark.parametrize("command", ["test", "caption"])
+def test_bad_decoding_options_are_clean_errors(command, tmp_path):
+    images = [] if command == "test" else [tmp_path / "photo.jpg"]
+    result = solver_cli(command, "--checkpoint", tmp_path / "missing.pth.tar", *images, "--beam-size", "3",
+                        "--n-best", "4", check=False)
+    assert_clean_error(result, "n_best = 4 must be a whole number from 1 to beam_size (3) (--n-best)")
+    result = solver_cli(command, "--checkpoint", tmp_path / "missing.pth.tar", *images, "--length-penalty", "-1",
+                        check=False)
+    assert_clean_error(result, "length_penalty = -1.0 must be a number of at least 0 (--length-penalty")
 
 
 def test_caption_writes_json_lines_of_files_and_folders(checkpoints, tiny_shapes, tmp_path):

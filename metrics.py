@@ -11,7 +11,8 @@ tables, and one printed label (METRIC_LABELS). A merged dict is `{**course_bleu(
     rouge_l                  ROUGE-L                ROUGE-L, beta 1.2
     cider                    CIDEr                  coco-caption's CIDEr-D (idf over the scored images)
     spice                    SPICE                  never run: always listed as unavailable
-    ptb_tokenizer            PTB tokenizer          not a score: listed as unavailable when it cannot run
+    ptb_tokenizer            PTB tokenizer          not a score: the tokenizer of the coco-caption scores, "java"
+                                                    (pycocoevalcap's Stanford CoreNLP) or "python" (ptb_tokenizer.py)
     peak_in_box, mass_in_box, uniform_mass_in_box, beta_object_words, beta_function_words
                                                     grounding (grounding.py), on data with object boxes
 
@@ -30,8 +31,9 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+import ptb_tokenizer
 from utils import ToolkitError, markdown_table
 
 # nltk takes seconds to import: course_bleu imports it when it first runs.
@@ -48,6 +50,7 @@ METRIC_LABELS = {
     "uniform_mass_in_box": "uniform mass in box", "beta_object_words": "beta (object words)",
     "beta_function_words": "beta (function words)",
 }
+TOKENIZERS = ("java", "python")  # coco-caption's PTB tokenizer: pycocoevalcap's (Java), or ptb_tokenizer.py
 SPICE_REASON = ("not run: SPICE needs Stanford CoreNLP models that pycocoevalcap downloads at run time, "
                 "and this toolkit scores offline")
 
@@ -79,20 +82,18 @@ def course_bleu(references, hypotheses):
     return {key: float(score) for key, score in zip(COURSE_BLEU_WEIGHTS, scores)}
 
 
-def coco_caption_metrics(predictions, references):
+def coco_caption_metrics(predictions, references, tokenizer=None):
     """coco-caption's BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of {image_id: caption} against
     {image_id: [every reference caption]}, both already tokenised (tokens joined by spaces).
 
-    Returns {"scores": {key: value}, "unavailable": {key: reason}}. SPICE is always unavailable; without Java,
-    METEOR and the PTB tokenizer are, and captions are lowercased and split on spaces instead (PTB's
-    punctuation tokens dropped), which gives PTB's tokens for lowercase, space-separated input.
+    `tokenizer` is coco-caption's PTB tokenizer: "java" (pycocoevalcap's), "python" (ptb_tokenizer.py, the
+    same tokens) or None: java when it runs, else python. Returns {"scores": {key: value}, "unavailable":
+    {key: reason}, "tokenizer": the one that ran}. SPICE is always unavailable; without Java, METEOR is too.
     """
     _check_coco_inputs(predictions, references)
-    gts, res, tokenizer_problem = _tokenize_for_coco(predictions, references)
+    check_tokenizer(tokenizer)
+    gts, res, used_tokenizer = _tokenize_for_coco(predictions, references, tokenizer)
     unavailable = {}
-    if tokenizer_problem:
-        unavailable["ptb_tokenizer"] = (f"{tokenizer_problem}; "
-                                        f"captions were lowercased and split on spaces instead")
     coco_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {key: float(score) for key, score in zip(COCO_BLEU_KEYS, coco_bleu)}
     try:
@@ -102,13 +103,25 @@ def coco_caption_metrics(predictions, references):
     scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     scores["cider"] = float(Cider().compute_score(gts, res)[0])
     unavailable["spice"] = SPICE_REASON
-    return {"scores": scores, "unavailable": unavailable}
+    return {"scores": scores, "unavailable": unavailable, "tokenizer": used_tokenizer}
+
+
+def check_tokenizer(tokenizer):
+    """Raise ToolkitError unless `tokenizer` is None, "python", or "java" with a working Java."""
+    if tokenizer is not None and tokenizer not in TOKENIZERS:
+        raise ToolkitError(f"unknown PTB tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)} "
+                           f"(or None: java when it runs, else python)")
+    if tokenizer == "java" and java_unavailable_reason():
+        raise ToolkitError(f"the Java PTB tokenizer cannot run: {java_unavailable_reason()}; "
+                           f"the python tokenizer gives the same tokens (tokenizer python)")
 
 
 def format_metrics(scores, unavailable=None):
-    """Printable lines such as `CIDEr: 0.1234` for each score, in the dict's order, then
-    `SPICE: unavailable (reason)` for each entry of `unavailable` (keys as in the module docstring)."""
-    lines = [f"{METRIC_LABELS[key]}: {value:.4f}" for key, value in scores.items()]
+    """Printable lines such as `CIDEr: 0.1234` for each score (`PTB tokenizer: python` for a text), in the
+    dict's order, then `SPICE: unavailable (reason)` for each entry of `unavailable` (keys as in the module
+    docstring)."""
+    lines = [f"{METRIC_LABELS[key]}: {value if isinstance(value, str) else format(value, '.4f')}"
+             for key, value in scores.items()]
     lines += [f"{METRIC_LABELS[key]}: unavailable ({reason})" for key, reason in (unavailable or {}).items()]
     return lines
 
@@ -148,14 +161,18 @@ def _check_coco_inputs(predictions, references):
                            f"every image needs at least one")
 
 
-def _tokenize_for_coco(predictions, references):
-    """(gts, res, problem): references and predictions tokenised as coco-caption does, by the Stanford PTB
-    tokenizer, or by lowercase whitespace splitting when it cannot run (problem then says why, else None)."""
+def _tokenize_for_coco(predictions, references, tokenizer):
+    """(gts, res, tokenizer that ran): references and predictions tokenised as coco-caption does, by the
+    Stanford PTB tokenizer (Java) or ptb_tokenizer.py; None: Java, or Python when Java cannot run."""
     hypotheses = {image: [caption] for image, caption in predictions.items()}
-    try:
-        return _ptb_tokenize(references), _ptb_tokenize(hypotheses), None
-    except _JavaFailure as failure:
-        return _whitespace_tokenize(references), _whitespace_tokenize(hypotheses), str(failure)
+    if tokenizer != "python":
+        try:
+            return _ptb_tokenize(references), _ptb_tokenize(hypotheses), "java"
+        except _JavaFailure as failure:
+            if tokenizer == "java":
+                raise ToolkitError(f"the Java PTB tokenizer failed: {failure}; the python tokenizer gives "
+                                   f"the same tokens (tokenizer python)") from failure
+    return _python_ptb_tokenize(references), _python_ptb_tokenize(hypotheses), "python"
 
 
 def _ptb_tokenize(captions_by_image):
@@ -181,11 +198,10 @@ def _caption_counts(captions_by_image):
     return {image: len(captions) for image, captions in captions_by_image.items()}
 
 
-def _whitespace_tokenize(captions_by_image):
-    """{image: [caption]} -> {image: [caption lowercased, split on whitespace, PTB's punctuation dropped]}."""
-    return {image: [" ".join(word for word in caption.lower().split() if word not in PUNCTUATIONS)
-                    for caption in captions]
-            for image, captions in captions_by_image.items()}
+def _python_ptb_tokenize(captions_by_image):
+    """{image: [caption]} -> {image: [tokenised caption]} by ptb_tokenizer.py, the Java tokenizer's tokens."""
+    return ptb_tokenizer.tokenize({image: [{"caption": caption} for caption in captions]
+                                   for image, captions in captions_by_image.items()})
 
 
 def _meteor_score(gts, res):

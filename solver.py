@@ -22,7 +22,7 @@ from datasets import ImageCaptionsDataset, check_data_files, load_references, lo
 from features import ensure_feature_cache
 from grounding import caption_grounding
 from loaders import default_workers
-from metrics import coco_caption_metrics, course_bleu, format_metrics, results_table
+from metrics import TOKENIZERS, check_tokenizer, coco_caption_metrics, course_bleu, format_metrics, results_table
 from models import build_encoder
 from run_start import word_map_mismatch
 from training import Trainer
@@ -56,17 +56,22 @@ def inference_workers(workers, device):
 
 def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_folder=None, batch_size=50,
          max_steps=50, blind=False, device=None, coco_metrics=True, workers=None, length_penalty=0.0,
-         block_trigrams=False, n_best=1):
+         block_trigrams=False, n_best=1, tokenizer=None):
     """Beam search over a split (no teacher forcing); prints and returns the scores.
 
     Returns a dict with the course's BLEU (`bleu1`..`bleu4`, nltk corpus_bleu against the split's
     captions) and, with coco_metrics, the coco-caption metrics against each image's full original
-    references. `blind` replaces every image by a black one: what this model says about an image with nothing
-    in it (not a language prior: a model never trained on such images; the demo's blind control is trained on them).
+    references, tokenised by coco-caption's PTB tokenizer: `tokenizer` "java" (pycocoevalcap's), "python"
+    (ptb_tokenizer.py, the same tokens) or None (java when it runs, else python); the scores say which ran
+    (`ptb_tokenizer`).
+    `blind` replaces every image by a black one: what this model says about an image with nothing in it (not a
+    language prior: a model never trained on such images; the demo's blind control is trained on them).
     length_penalty and block_trigrams change the search (beam_search.py); the best caption is scored, and with
     n_best > 1 predictions_json also holds each image's n_best captions with their scores.
     """
     check_inference_options(beam_size, batch_size, max_steps, workers, length_penalty, block_trigrams, n_best)
+    if coco_metrics:
+        check_tokenizer(tokenizer)
     if predictions_json:
         check_writable_file(predictions_json, "predictions_json (--predictions-json)")
     captioner = Captioner.from_checkpoint(checkpoint, device)
@@ -98,8 +103,9 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
             print(f"note: no REFS file for {split}; coco-caption metrics use the sampled encoded captions "
                   f"(re-run create_input_files.py to get the full references)")
         coco = coco_caption_metrics(dict(enumerate(sentences)),
-                                    {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs.references)})
-        scores.update(coco["scores"])
+                                    {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs.references)},
+                                    tokenizer)
+        scores.update(coco["scores"], ptb_tokenizer=coco["tokenizer"])
         unavailable = coco["unavailable"]
     decoded = [image_found[0] for image_found in ranked]
     per_image_grounding = [None] * len(decoded)
@@ -256,6 +262,8 @@ OPTION_HELP = {
     "blind": "black images: what the model says about an image with nothing in it",
     "device": "cpu, cuda, cuda:1...; None: cuda when available",
     "coco_metrics": "also score with coco-caption (METEOR, ROUGE-L, CIDEr-D...)",
+    "tokenizer": "coco-caption's PTB tokenizer: java (pycocoevalcap's Stanford CoreNLP) or python (ptb_tokenizer.py, "
+                 "the same tokens); None: java when Java runs, else python",
     "workers": "DataLoader worker processes; None: 0 on the CPU (the encoder needs its cores), min(4, cores) on CUDA",
     "output": "write JSON lines {file, caption, score} to this file",
     "figures": "write the attention figure of every image into this folder",
@@ -271,7 +279,7 @@ OPTION_HELP = {
     "encoded_image_size": "side of the encoder's output grid; None: the one the course's encoder used",
 }
 OPTION_TYPES = {"workers": int, "encoded_image_size": int}  # of the keywords whose default is None (else str)
-OPTION_CHOICES = {"split": ("TRAIN", "VAL", "TEST")}
+OPTION_CHOICES = {"split": ("TRAIN", "VAL", "TEST"), "tokenizer": TOKENIZERS}
 POSITIONAL = {"images": "IMAGE", "checkpoints": "CHECKPOINT", "path": "CHECKPOINT"}  # name -> metavar
 VARIADIC = ("images", "checkpoints")  # positional arguments taking one or more values
 

@@ -160,11 +160,11 @@ def test_the_options_reach_the_functions(monkeypatch):
     monkeypatch.setattr(solver, "test", record)
     solver.main(["test", "--checkpoint", "c.pth.tar", "--device", "cpu", "--batch-size", "7", "--max-steps", "9",
                  "--split", "VAL", "--no-coco-metrics", "--workers", "1", "--blind", "--length-penalty", "0.6",
-                 "--block-trigrams", "--n-best", "2"])
+                 "--block-trigrams", "--n-best", "2", "--tokenizer", "python"])
     assert calls["test"] == {"checkpoint": "c.pth.tar", "beam_size": 3, "split": "VAL", "predictions_json": None,
                              "data_folder": None, "batch_size": 7, "max_steps": 9, "blind": True, "device": "cpu",
                              "coco_metrics": False, "workers": 1, "length_penalty": 0.6, "block_trigrams": True,
-                             "n_best": 2}
+                             "n_best": 2, "tokenizer": "python"}
 
 
 @pytest.mark.parametrize("command", ["test", "caption"])

@@ -164,6 +164,7 @@ def test_coco_metrics_equal_pycocoevalcap_scorers_called_directly(with_java):
     assert 0 < scores["meteor"] < 1 and 0 < scores["rouge_l"] < 1 and scores["cider"] > 0
     assert all(type(value) is float for value in scores.values())  # plain floats: JSON and weights_only safe
     assert list(result["unavailable"]) == ["spice"]
+    assert result["tokenizer"] == "java"
 
 
 SIMULATED_CRASH = "echo 'Error: simulated crash' >&2; exit 3"
@@ -177,10 +178,9 @@ SIMULATED_CRASH = "echo 'Error: simulated crash' >&2; exit 3"
 def test_java_trouble_is_reported_and_the_rest_still_computed(java_on_path, script, reason):
     java_on_path(script)
     result = metrics.coco_caption_metrics(PREDICTIONS, REFERENCES)
-    assert list(result["unavailable"]) == ["ptb_tokenizer", "meteor", "spice"]
+    assert list(result["unavailable"]) == ["meteor", "spice"]
     assert reason in result["unavailable"]["meteor"]
-    assert reason in result["unavailable"]["ptb_tokenizer"]
-    assert "split on spaces instead" in result["unavailable"]["ptb_tokenizer"]
+    assert result["tokenizer"] == "python"  # ptb_tokenizer.py: the Java tokenizer's tokens (test_ptb_tokenizer.py)
     # These are the values with Java: the PTB test above proves it tokenises this set the same way.
     assert result["scores"] == pytest.approx(pure_python_scores(TOKENISED_REFERENCES, TOKENISED_PREDICTIONS),
                                              rel=1e-12)
@@ -197,6 +197,18 @@ def test_meteor_crash_is_reported_and_output_stays_clean(java_on_path, with_java
     assert result["scores"] == expected
     # No "PTBTokenizer tokenized ..." from Java, no "{'testlen': ...}" from Bleu, no ignored-exception noise.
     assert capfd.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("script, tokenizer, message", [
+    (None, "java", "the Java PTB tokenizer cannot run: Java was not found on PATH"),
+    (f'#!/bin/sh\n[ "$1" = -version ] && exit 0\n{SIMULATED_CRASH}\n', "java",
+     "the Java PTB tokenizer failed: the PTB tokenizer failed: Error: simulated crash"),
+    (None, "perl", "unknown PTB tokenizer 'perl'"),
+], ids=["missing", "crashes", "unknown"])
+def test_a_tokenizer_that_cannot_run_is_refused(java_on_path, script, tokenizer, message):
+    java_on_path(script)
+    with pytest.raises(metrics.ToolkitError, match=message):
+        metrics.coco_caption_metrics(PREDICTIONS, REFERENCES, tokenizer=tokenizer)
 
 
 @pytest.mark.parametrize("predictions, references, message", [
@@ -219,4 +231,6 @@ def test_format_metrics_labels_each_bleu_unambiguously():
         "BLEU-1: 0.7000", "BLEU-4: 0.2500", "COCO-BLEU-1: 0.7123", "COCO-BLEU-4: 0.2600",
         "METEOR: 0.2400", "ROUGE-L: 0.5000", "CIDEr: 0.9124", "SPICE: unavailable (not run offline)",
     ]
+    assert metrics.format_metrics({"cider": 0.5, "ptb_tokenizer": "python"}) == ["CIDEr: 0.5000",
+                                                                                 "PTB tokenizer: python"]
     assert len(set(metrics.METRIC_LABELS.values())) == len(metrics.METRIC_LABELS)

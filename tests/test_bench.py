@@ -151,3 +151,11 @@ def test_the_transformer_is_measured(quick_run):
     incremental = transformer["incremental"]
     assert incremental["ratio"] == pytest.approx(incremental["recomputed_seconds"] / incremental["cached_seconds"])
     assert f"({incremental['ratio']:.2f} x)" in values["transformer_incremental_step"]
+
+
+def test_backbone_table_counts_the_attention_projections_of_clip_vit():
+    """ViT-B/16 at 224 x 224: 17.6 G multiply-adds, 35.1 GFLOPs, with nn.MultiheadAttention's projections, which
+    the counter misses on the CPU's inference fast path (22.5)."""
+    from benchmarks.encoder import _meta_gflops
+
+    assert _meta_gflops(14, "clip_vit_b16", 224) == pytest.approx(35.1, abs=0.1)

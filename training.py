@@ -10,7 +10,8 @@ Started by torchrun (distributed.py), every process trains one shard of each epo
 fine-tuned encoder) in DistributedDataParallel; rank 0 alone writes files and prints. `self.decoder` and
 `self.encoder` are then the DDP wrappers (their forward all-reduces gradients in backward), and
 `decoder_module`/`encoder_module` the plain modules (decoding, state_dicts). A stage that decodes through the
-plain decoder (SCST) has its gradients all-reduced by hand after backward (Ranks.average_gradients).
+plain decoder (SCST; XE with scheduled sampling) has its gradients all-reduced by hand after backward
+(Ranks.average_gradients).
 """
 import contextlib
 import math
@@ -35,7 +36,8 @@ from optimization import Optimizers
 from run_log import RunLog
 from run_start import resolve_start, resume_command
 from sampling import greedy_captions
-from training_stages import STAGES, Batch, TeacherForced, encoded_references, make_stage, top5_accuracy
+from training_stages import (STAGES, Batch, TeacherForced, encoded_references, make_stage,
+                             scheduled_sampling_probability, top5_accuracy)
 from utils import ToolkitError, check_free_space, remove_stale_temp_files
 from vocabulary import strip_special
 
@@ -93,7 +95,8 @@ class Trainer:
         self.state = {"epoch": cfg["start_epoch"] - 1, "best_bleu4": float(cfg["best_bleu4"]),
                       "best_score": float(cfg["best_bleu4"]) if cfg["val_metric"] == "bleu4" else 0.0,
                       "epochs_since_improvement": cfg["epochs_since_improvement"], "history": empty_history(),
-                      "reference_loss": None, "step": 0}
+                      "reference_loss": None, "step": 0,
+                      "scheduled_sampling_prob": scheduled_sampling_probability(cfg, cfg["start_epoch"] - 1)}
         if start.resumes:
             self.restore(checkpoint)
         self.check_space_for_checkpoints()
@@ -142,6 +145,8 @@ class Trainer:
         self.state["best_score"] = checkpoint.get("best_score", self.state["best_bleu4"])  # format 1: BLEU-4
         self.state["reference_loss"] = checkpoint.get("reference_loss")
         self.state["step"] = checkpoint.get("step", 0)
+        self.state["scheduled_sampling_prob"] = checkpoint.get(  # the formula's value for older checkpoints
+            "scheduled_sampling_prob", scheduled_sampling_probability(self.cfg, checkpoint["epoch"]))
         print(f"Resuming from {self.cfg['checkpoint']!r} after epoch {checkpoint['epoch']}")
 
     def check_space_for_checkpoints(self):
@@ -342,6 +347,7 @@ class Trainer:
             if state["epochs_since_improvement"] > 0 and state["epochs_since_improvement"] % cfg["lr_decay_patience"] == 0:
                 self.optimizers.decay(cfg["lr_decay_factor"])
             torch.manual_seed(cfg["seed"] * 100_003 + epoch)  # dropout: the same whether resumed or not
+            self.schedule_sampling(epoch)
             started = time.time()
             train_stats = self.train_epoch(epoch)
             val_stats = self.validate(epoch)
@@ -357,12 +363,21 @@ class Trainer:
             state["epoch"] = epoch
             record = {"epoch": epoch, **{f"train_{key}": value for key, value in train_stats.items()}, **val_stats,
                       "lr": self.optimizers.lr, "seconds": time.time() - started}
+            if cfg["scheduled_sampling_start"] >= 0:
+                record["scheduled_sampling_prob"] = state["scheduled_sampling_prob"]
             for key, value in record.items():
                 state["history"].setdefault(key, []).append(value)
             self.save(is_best)
             self.log.epoch(state["history"])
         return {"best_checkpoint": self.paths.best, "last_checkpoint": self.paths.last, "history": state["history"],
                 "best_bleu4": state["best_bleu4"], "val_metric": cfg["val_metric"], "best_score": state["best_score"]}
+
+    def schedule_sampling(self, epoch):
+        """Scheduled sampling's p of this epoch, from the formula (a resumed run gets the same), into the state
+        and the XE stage."""
+        self.state["scheduled_sampling_prob"] = scheduled_sampling_probability(self.cfg, epoch)
+        if self.stage.name == "xe":
+            self.stage.sampling_probability = self.state["scheduled_sampling_prob"]
 
     def save(self, is_best):
         """BEST first (when this epoch is best), then the last checkpoint: whichever a kill interrupts, the

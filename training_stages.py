@@ -6,7 +6,8 @@ validation, checkpoints, logs: training.py). `make_stage(cfg, ...)` builds the s
 
 - CrossEntropyStage ("xe"): the course's teacher forcing, cross-entropy over the real positions (smoothed over
   the vocabulary with cfg['label_smoothing']) plus the doubly stochastic attention regularisation for decoders
-  that declare it.
+  that declare it. With scheduled sampling (Bengio et al., NeurIPS 2015; cfg['scheduled_sampling_*']), each
+  input word is, with probability p, the model's own sample instead of the reference's (scheduled_sampling_pass).
 - SelfCriticalStage ("scst"): self-critical sequence training (Rennie et al., CVPR 2017): sample captions,
   reward each with its CIDEr-D against the image's references (document frequencies of the TRAIN split),
   and follow the policy gradient against a baseline (the mean of the image's other samples, Luo's "new
@@ -20,7 +21,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from cider import CiderD
 from datasets import load_references
-from sampling import greedy_baseline, greedy_captions, mean_baseline, sample_captions, scst_loss
+from models import running_counts, select_rows
+from sampling import draw_words, greedy_baseline, greedy_captions, mean_baseline, sample_captions, scst_loss
 
 
 @dataclasses.dataclass
@@ -62,14 +64,68 @@ def flatten_captions(captions, lengths):
     return captions, lengths, None
 
 
+def scheduled_sampling_probability(cfg, epoch):
+    """Scheduled sampling's p at `epoch`, self-critical.pytorch's formula: 0 before cfg['scheduled_sampling_start']
+    (and always when it is -1), then min(increase_prob x ((epoch - start) // increase_every), max_prob)."""
+    start = cfg["scheduled_sampling_start"]
+    if start < 0 or epoch < start:
+        return 0.0
+    increases = (epoch - start) // cfg["scheduled_sampling_increase_every"]
+    return float(min(cfg["scheduled_sampling_increase_prob"] * increases, cfg["scheduled_sampling_max_prob"]))
+
+
+def mixed_inputs(reference, previous_scores, probability, generator=None):
+    """One position's input words (N,): each caption's reference word (N,), replaced with `probability` by a word
+    drawn from its scores at the previous position (N, V), detached: no gradient flows through the choice."""
+    sampled = torch.rand(len(reference), generator=generator, device=reference.device) < probability  # (N,)
+    drawn = draw_words(F.log_softmax(previous_scores.detach(), dim=1), generator)  # (N,)
+    return torch.where(sampled, drawn, reference)
+
+
+def padded_steps(steps, rows):
+    """Per-position tensors (n_t, ...) of the first n_t of `rows` captions sorted by decreasing length ->
+    (rows, T, ...), zeros past each caption's end (as the decoders' forward lays them out)."""
+    return torch.stack([F.pad(step, (0, 0, 0, rows - step.size(0))) for step in steps], dim=1)
+
+
+def scheduled_sampling_pass(decoder, encoder_out, captions, lengths, caption_image, probability, generator=None):
+    """The teacher-forced pass with scheduled sampling, one position at a time through the decoder's start and
+    one_step (every decoder has them): after <start>, each caption's input word is, with `probability`, a word
+    drawn from the decoder's own distribution at the previous position, else the reference's.
+
+    Arguments and returns as the decoder's forward: scores (N, T, V) sorted by decreasing length, the sorted
+    captions, decode lengths, alphas (N, T, P or P + 1) or None, the sort order. `generator`: a torch.Generator
+    on the device, for repeatable draws (None: the global one).
+    """
+    memory, state, captions, decode_lengths, sort_ind = decoder.start_captions(encoder_out, captions, lengths,
+                                                                               caption_image)
+    step_scores, step_alphas = [], []
+    for t, rows in enumerate(running_counts(decode_lengths)):  # the first `rows` captions run at position t
+        if t == 0:
+            words = captions[:rows, 0]  # (rows,) <start>
+        else:
+            words = mixed_inputs(captions[:rows, t], step_scores[-1][:rows], probability, generator)
+        scores, state, alpha = decoder.one_step(decoder.embedding(words), select_rows(memory, slice(0, rows)),
+                                                select_rows(state, slice(0, rows)))
+        step_scores.append(scores)  # (rows, V)
+        step_alphas.append(alpha)  # (rows, P) or None
+    alphas = None if step_alphas[0] is None else padded_steps(step_alphas, len(captions))
+    return padded_steps(step_scores, len(captions)), captions, decode_lengths, alphas, sort_ind
+
+
 class TeacherForced:
     """The teacher-forced pass of a batch: what both the cross-entropy stage and validation need (validation's
-    loss is the plain cross-entropy: label_smoothing 0)."""
+    loss is the plain cross-entropy: label_smoothing 0). With sampling_probability > 0, scheduled sampling
+    (scheduled_sampling_pass, through `decoder`'s start/one_step); else the decoder's forward."""
 
-    def __init__(self, decoder, batch, alpha_c, regularize_attention, label_smoothing=0.0):
+    def __init__(self, decoder, batch, alpha_c, regularize_attention, label_smoothing=0.0, sampling_probability=0.0):
         captions, lengths, self.caption_image = flatten_captions(batch.captions, batch.lengths)
-        scores, captions_sorted, self.decode_lengths, alphas, self.sort_ind = decoder(
-            batch.encoder_out, captions, lengths, self.caption_image)
+        if sampling_probability > 0:
+            decoded = scheduled_sampling_pass(decoder, batch.encoder_out, captions, lengths, self.caption_image,
+                                              sampling_probability)
+        else:
+            decoded = decoder(batch.encoder_out, captions, lengths, self.caption_image)
+        scores, captions_sorted, self.decode_lengths, alphas, self.sort_ind = decoded
         self.loss, self.packed_scores, self.targets = caption_loss(
             scores, captions_sorted[:, 1:], self.decode_lengths, alphas, alpha_c, regularize_attention,
             label_smoothing)
@@ -81,19 +137,28 @@ class TeacherForced:
 
 
 class CrossEntropyStage:
-    """The course's training step: teacher forcing and cross-entropy."""
+    """The course's training step: teacher forcing (with scheduled sampling when sampling_probability > 0) and
+    cross-entropy."""
 
     name = "xe"
     needs_image_index = False
-    decodes_unwrapped = False  # goes through the decoder's forward (DDP's wrapper all-reduces its gradients)
     checks_divergence = True  # a loss far above its first value means training diverged
 
-    def __init__(self, decoder, alpha_c, regularize_attention, label_smoothing=0.0):
-        self.decoder, self.alpha_c, self.regularize_attention = decoder, alpha_c, regularize_attention
-        self.label_smoothing = label_smoothing
+    def __init__(self, decoder, decoder_module, alpha_c, regularize_attention, label_smoothing=0.0):
+        self.decoder, self.decoder_module = decoder, decoder_module  # as make_stage's
+        self.alpha_c, self.regularize_attention, self.label_smoothing = alpha_c, regularize_attention, label_smoothing
+        self.sampling_probability = 0.0  # scheduled sampling's p, set by the trainer at each epoch; 0: none
+
+    @property
+    def decodes_unwrapped(self):
+        """Teacher forcing goes through the decoder's forward (DDP's wrapper all-reduces its gradients); scheduled
+        sampling steps through the decoder itself, whose gradients are then all-reduced by hand."""
+        return self.sampling_probability > 0
 
     def teacher_forced(self, batch):
-        return TeacherForced(self.decoder, batch, self.alpha_c, self.regularize_attention, self.label_smoothing)
+        decoder = self.decoder_module if self.decodes_unwrapped else self.decoder
+        return TeacherForced(decoder, batch, self.alpha_c, self.regularize_attention, self.label_smoothing,
+                             self.sampling_probability)
 
     def loss(self, batch):
         """(loss to minimise, {statistic: (value, count)}) of one training batch."""
@@ -162,7 +227,7 @@ def make_stage(cfg, decoder, decoder_module, word_map):
             print(f"note: label_smoothing = {cfg['label_smoothing']}: the training loss shown and logged (loss, "
                   f"train/loss, train_loss) is the smoothed cross-entropy; validation's (LOSS, val_loss) stays the "
                   f"plain one")
-        return CrossEntropyStage(decoder, cfg["alpha_c"], decoder_module.attention_regularization,
+        return CrossEntropyStage(decoder, decoder_module, cfg["alpha_c"], decoder_module.attention_regularization,
                                  cfg["label_smoothing"])
     corpus = encoded_references(cfg["data_folder"], cfg["data_name"], "TRAIN", word_map)
     return SelfCriticalStage(decoder_module, CiderD(corpus, vocab_size=len(word_map)), word_map["<start>"],

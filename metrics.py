@@ -12,6 +12,9 @@ tables, and one printed label (METRIC_LABELS). A merged dict is `{**course_bleu(
     cider                    CIDEr                  coco-caption's CIDEr-D (idf over the scored images)
     spice                    SPICE                  never run: always listed as unavailable
     ptb_tokenizer            PTB tokenizer          not a score: listed as unavailable when it cannot run
+    chair_i, chair_s         CHAIR-i, CHAIR-s       object hallucination (chair.py), on data that lists each
+                                                    image's objects; lower is better
+    chair                    CHAIR                  not a score: listed as unavailable without object lists
     peak_in_box, mass_in_box, uniform_mass_in_box, beta_object_words, beta_function_words
                                                     grounding (grounding.py), on data with object boxes
 
@@ -43,7 +46,7 @@ METRIC_LABELS = {
     "coco_bleu1": "COCO-BLEU-1", "coco_bleu2": "COCO-BLEU-2", "coco_bleu3": "COCO-BLEU-3",
     "coco_bleu4": "COCO-BLEU-4",
     "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE",
-    "ptb_tokenizer": "PTB tokenizer",
+    "ptb_tokenizer": "PTB tokenizer", "chair_i": "CHAIR-i", "chair_s": "CHAIR-s", "chair": "CHAIR",
     "peak_in_box": "attention peak in box", "mass_in_box": "attention mass in box",
     "uniform_mass_in_box": "uniform mass in box", "beta_object_words": "beta (object words)",
     "beta_function_words": "beta (function words)",

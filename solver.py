@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from captioner import Captioner, check_beam_size, check_whole_number, clamp_beam_size, result_figure
+from chair import NO_OBJECT_LISTS, caption_chair, image_objects
 from checkpoints import check_checkpoint, load_checkpoint
 from config import add_cfg_options, upgrade_cfg, validate_cfg, with_env_overrides  # noqa: F401 (notebooks)
 from datasets import ImageCaptionsDataset, check_data_files, load_references, load_word_map
@@ -51,12 +52,14 @@ def inference_workers(workers, device):
 
 
 def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_folder=None, batch_size=50,
-         max_steps=50, blind=False, device=None, coco_metrics=True, workers=None):
+         max_steps=50, blind=False, device=None, coco_metrics=True, workers=None, instances=None):
     """Beam search over a split (no teacher forcing); prints and returns the scores.
 
     Returns a dict with the course's BLEU (`bleu1`..`bleu4`, nltk corpus_bleu against the split's
-    captions) and, with coco_metrics, the coco-caption metrics against each image's full original
-    references. `blind` replaces every image by a black one: what this model says about an image with nothing
+    captions), with coco_metrics the coco-caption metrics against each image's full original
+    references, and the object hallucination rates CHAIR-i and CHAIR-s (`chair_i`, `chair_s`, chair.py) where
+    the data lists each image's objects (shapes data; COCO with `instances`, COCO's instances_*.json).
+    `blind` replaces every image by a black one: what this model says about an image with nothing
     in it (not a language prior: a model never trained on such images; the demo's blind control is trained on them).
     """
     check_inference_options(beam_size, batch_size, max_steps, workers)
@@ -69,6 +72,8 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     check_data_files(data_folder, cfg["data_name"], (split,))
     if load_word_map(data_folder, cfg["data_name"]) != word_map:
         raise ToolkitError(word_map_mismatch(checkpoint, data_folder, cfg["data_name"]))
+    refs = load_references(data_folder, cfg["data_name"], split, word_map)
+    object_lists = image_objects(refs, instances)  # before the beam search: a bad instances file fails first
     dataset = ImageCaptionsDataset(data_folder, cfg["data_name"], split)
     workers = inference_workers(workers, captioner.device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
@@ -83,8 +88,8 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
             decoded.append(best)
     scores, unavailable = course_bleu(references, hypotheses), {}
     words = {index: word for word, index in word_map.items()}
-    sentences = [" ".join(words[w] for w in hypothesis) for hypothesis in hypotheses]
-    refs = load_references(data_folder, cfg["data_name"], split, word_map)
+    captions = [[words[w] for w in hypothesis] for hypothesis in hypotheses]
+    sentences = [" ".join(caption) for caption in captions]
     if coco_metrics:
         if refs.fallback:
             print(f"note: no REFS file for {split}; coco-caption metrics use the sampled encoded captions "
@@ -92,20 +97,25 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
         coco = coco_caption_metrics(dict(enumerate(sentences)),
                                     {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs.references)})
         scores.update(coco["scores"])
-        unavailable = coco["unavailable"]
+        unavailable.update(coco["unavailable"])
     per_image_grounding = [None] * len(decoded)
     if captioner.decoder.has_attention and any(refs.objects):  # data with boxes: does attention look at what it names?
         grounding, per_image_grounding = caption_grounding(decoded, words, refs.objects, cfg["encoded_image_size"])
         scores.update({key: value for key, value in grounding.items() if value is not None and key != "object_words"})
+    chair, hallucinated = caption_chair(captions, object_lists)
+    scores.update(chair)
+    if object_lists is None:
+        unavailable["chair"] = NO_OBJECT_LISTS
     print(f"{split} split, {len(hypotheses)} images, beam size {beam_size}. BLEU-n: the course's nltk corpus_bleu "
-          f"against the split's captions; COCO-*: coco-caption against every original reference")
+          f"against the split's captions; COCO-*: coco-caption against every original reference; CHAIR-i, CHAIR-s: "
+          f"object hallucination, lower is better")
     for line in format_metrics(scores, unavailable):
         print(line)
     if predictions_json:
         with atomic_path(predictions_json) as tmp, open(tmp, "w", encoding="utf-8") as file:
-            json.dump([{"image_id": image_id, "caption": sentence, "mass_in_box": mass}
-                       for image_id, sentence, mass in zip(refs.image_ids, sentences, per_image_grounding)], file,
-                      indent=1)
+            json.dump([{"image_id": image_id, "caption": sentence, "mass_in_box": mass, "hallucinated": objects}
+                       for image_id, sentence, mass, objects in zip(refs.image_ids, sentences, per_image_grounding,
+                                                                    hallucinated)], file, indent=1)
     return scores
 
 
@@ -213,7 +223,7 @@ OPTION_HELP = {
     "images": "image files, or folders of them",
     "beam_size": "beam width of the beam search",
     "split": "the split to decode",
-    "predictions_json": "also write [{image_id, caption}] to this JSON file",
+    "predictions_json": "also write [{image_id, caption, mass_in_box, hallucinated}] to this JSON file",
     "data_folder": "where the data is now, if it moved since training",
     "batch_size": "images per batch of the encoder and the beam search",
     "max_steps": "longest caption, in words, before the beam search stops",
@@ -230,6 +240,7 @@ OPTION_HELP = {
     "data_name": "base name of the data files, e.g. coco_5_cap_per_img_5_min_word_freq",
     "trust_pickle": "load a pickled course checkpoint (this runs code from the file: only for files you trust)",
     "encoded_image_size": "side of the encoder's output grid; None: the one the course's encoder used",
+    "instances": "COCO's instances_*.json (e.g. instances_val2014.json): the objects for CHAIR on COCO data",
 }
 OPTION_TYPES = {"workers": int, "encoded_image_size": int}  # of the keywords whose default is None (else str)
 OPTION_CHOICES = {"split": ("TRAIN", "VAL", "TEST")}

@@ -162,7 +162,7 @@ def test_the_options_reach_the_functions(monkeypatch):
                  "--split", "VAL", "--no-coco-metrics", "--workers", "1", "--blind"])
     assert calls["test"] == {"checkpoint": "c.pth.tar", "beam_size": 3, "split": "VAL", "predictions_json": None,
                              "data_folder": None, "batch_size": 7, "max_steps": 9, "blind": True, "device": "cpu",
-                             "coco_metrics": False, "workers": 1}
+                             "coco_metrics": False, "workers": 1, "instances": None}
 
 
 def test_caption_writes_json_lines_of_files_and_folders(checkpoints, tiny_shapes, tmp_path):

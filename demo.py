@@ -11,10 +11,10 @@ stage, SCST, and the blind control (the attention decoder trained on images that
 each with beam search (solver.test).
 
 Outputs in the output folder: results.json (one entry per RESULTS key: BLEU-1..4 as
-bleu1..bleu4, plus the coco-caption metrics), report.md (results table, cfg of each run, figures, a short
-experiment report), training_curves.png, attention.png; and the work behind them: shapes_data/ (images,
-preprocessed files, feature caches), blind_data/ (the same with every image grey), checkpoints/ and
-predictions/ (the test captions of each model).
+bleu1..bleu4, plus the coco-caption metrics, the grounding scores and CHAIR-i, CHAIR-s as chair_i, chair_s),
+report.md (results table, cfg of each run, figures, a short experiment report), training_curves.png,
+attention.png; and the work behind them: shapes_data/ (images, preprocessed files, feature caches), blind_data/
+(the same with every image grey), checkpoints/ and predictions/ (the test captions of each model).
 """
 import argparse
 import dataclasses

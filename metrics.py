@@ -15,6 +15,9 @@ tables, and one printed label (METRIC_LABELS). A merged dict is `{**course_bleu(
     clip_scores              CLIP-S / RefCLIP-S     not a score: both listed as unavailable without the CLIP weights
     ptb_tokenizer            PTB tokenizer          not a score: the tokenizer of the coco-caption scores, "java"
                                                     (pycocoevalcap's Stanford CoreNLP) or "python" (ptb_tokenizer.py)
+    chair_i, chair_s         CHAIR-i, CHAIR-s       object hallucination (chair.py), on data that lists each
+                                                    image's objects; lower is better
+    chair                    CHAIR                  not a score: listed as unavailable without object lists
     peak_in_box, mass_in_box, uniform_mass_in_box, beta_object_words, beta_function_words
                                                     grounding (grounding.py), on data with object boxes
 
@@ -49,6 +52,7 @@ METRIC_LABELS = {
     "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE",
     "ptb_tokenizer": "PTB tokenizer",
     "clip_s": "CLIP-S", "refclip_s": "RefCLIP-S", "clip_scores": "CLIP-S / RefCLIP-S",
+    "chair_i": "CHAIR-i", "chair_s": "CHAIR-s", "chair": "CHAIR",
     "peak_in_box": "attention peak in box", "mass_in_box": "attention mass in box",
     "uniform_mass_in_box": "uniform mass in box", "beta_object_words": "beta (object words)",
     "beta_function_words": "beta (function words)",

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from beam_search import check_search_options
 from captioner import Captioner, check_beam_size, check_whole_number, clamp_beam_size, expand_folders, result_figure
+from chair import NO_OBJECT_LISTS, caption_chair, image_objects
 from checkpoints import check_checkpoint, load_checkpoint
 from clip_score import DEFAULT_CLIP_MODEL, clip_scores, parse_model
 from coco_results import check_coco_results, write_coco_results
@@ -57,7 +58,7 @@ def inference_workers(workers, device):
 
 def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_folder=None, batch_size=50,
          max_steps=50, blind=False, device=None, coco_metrics=True, workers=None, length_penalty=0.0,
-         block_trigrams=False, n_best=1, tokenizer=None, clip_metric_model=DEFAULT_CLIP_MODEL):
+         block_trigrams=False, n_best=1, tokenizer=None, clip_metric_model=DEFAULT_CLIP_MODEL, instances=None):
     """Beam search over a split (no teacher forcing); prints and returns the scores.
 
     Returns a dict with the course's BLEU (`bleu1`..`bleu4`, nltk corpus_bleu against the split's
@@ -66,7 +67,9 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     (ptb_tokenizer.py, the same tokens) or None (java when it runs, else python); the scores say which ran
     (`ptb_tokenizer`); and CLIP-S and RefCLIP-S (clip_score.py) by `clip_metric_model` ("<open_clip
     model>:<tag or file>") when its weights are at hand (a local file or Hugging Face's cache; else a note says
-    why they are skipped).
+    why they are skipped); and the object hallucination rates CHAIR-i and CHAIR-s (`chair_i`, `chair_s`,
+    chair.py) where the data lists each image's objects (shapes data; COCO with `instances`, COCO's
+    instances_*.json).
     `blind` replaces every image by a black one: what this model says about an image with nothing in it (not a
     language prior: a model never trained on such images; the demo's blind control is trained on them).
     length_penalty and block_trigrams change the search (beam_search.py); the best caption is scored, and with
@@ -86,6 +89,8 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     check_data_files(data_folder, cfg["data_name"], (split,))
     if load_word_map(data_folder, cfg["data_name"]) != word_map:
         raise ToolkitError(word_map_mismatch(checkpoint, data_folder, cfg["data_name"]))
+    refs = load_references(data_folder, cfg["data_name"], split, word_map)
+    object_lists = image_objects(refs, instances)  # before the beam search: a bad instances file fails first
     dataset = ImageCaptionsDataset(data_folder, cfg["data_name"], split)
     workers = inference_workers(workers, captioner.device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
@@ -101,8 +106,8 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
             ranked.append(image_found)
     scores, unavailable = course_bleu(references, hypotheses), {}
     words = {index: word for word, index in word_map.items()}
-    sentences = [" ".join(words[w] for w in hypothesis) for hypothesis in hypotheses]
-    refs = load_references(data_folder, cfg["data_name"], split, word_map)
+    captions = [[words[w] for w in hypothesis] for hypothesis in hypotheses]
+    sentences = [" ".join(caption) for caption in captions]
     if coco_metrics:
         if refs.fallback:
             print(f"note: no REFS file for {split}; coco-caption metrics use the sampled encoded captions "
@@ -110,7 +115,7 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
         reference_sentences = [[" ".join(r) for r in rs] for rs in refs.references]
         coco = coco_caption_metrics(dict(enumerate(sentences)), dict(enumerate(reference_sentences)), tokenizer)
         scores.update(coco["scores"], ptb_tokenizer=coco["tokenizer"])
-        unavailable = coco["unavailable"]
+        unavailable.update(coco["unavailable"])
         if clip_metric_model:  # the real images, also in a blind test: how well its captions fit them
             clip = clip_scores(clip_metric_model, (images for images, _, _ in loader), sentences, reference_sentences,
                                captioner.device)
@@ -121,13 +126,19 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
     if captioner.decoder.has_attention and any(refs.objects):  # data with boxes: does attention look at what it names?
         grounding, per_image_grounding = caption_grounding(decoded, words, refs.objects, cfg["encoded_image_size"])
         scores.update({key: value for key, value in grounding.items() if value is not None and key != "object_words"})
+    chair, hallucinated = caption_chair(captions, object_lists)
+    scores.update(chair)
+    if object_lists is None:
+        unavailable["chair"] = NO_OBJECT_LISTS
     print(f"{split} split, {len(hypotheses)} images, beam size {beam_size}. BLEU-n: the course's nltk corpus_bleu "
-          f"against the split's captions; COCO-*: coco-caption against every original reference")
+          f"against the split's captions; COCO-*: coco-caption against every original reference; CHAIR-i, CHAIR-s: "
+          f"object hallucination, lower is better")
     for line in format_metrics(scores, unavailable):
         print(line)
     if predictions_json:
-        predictions = [{"image_id": image_id, "caption": sentence, "mass_in_box": mass}
-                       for image_id, sentence, mass in zip(refs.image_ids, sentences, per_image_grounding)]
+        predictions = [{"image_id": image_id, "caption": sentence, "mass_in_box": mass, "hallucinated": objects}
+                       for image_id, sentence, mass, objects in zip(refs.image_ids, sentences, per_image_grounding,
+                                                                    hallucinated)]
         if n_best > 1:
             for prediction, image_found in zip(predictions, ranked):
                 prediction["n_best"] = n_best_json(captioner.n_best_fields(image_found))
@@ -260,7 +271,7 @@ OPTION_HELP = {
     "images": "image files, or folders of them",
     "beam_size": "beam width of the beam search",
     "split": "the split to decode",
-    "predictions_json": "also write [{image_id, caption}] to this JSON file",
+    "predictions_json": "also write [{image_id, caption, mass_in_box, hallucinated}] to this JSON file",
     "length_penalty": "alpha of GNMT's length normalisation of the complete captions' ranking: log-probability / "
                       "((5 + length) / 6) ** alpha; 0: the total log-probability",
     "block_trigrams": "a beam may not write a trigram it has already written",
@@ -288,6 +299,7 @@ OPTION_HELP = {
     "data_name": "base name of the data files, e.g. coco_5_cap_per_img_5_min_word_freq",
     "trust_pickle": "load a pickled course checkpoint (this runs code from the file: only for files you trust)",
     "encoded_image_size": "side of the encoder's output grid; None: the one the course's encoder used",
+    "instances": "COCO's instances_*.json (e.g. instances_val2014.json): the objects for CHAIR on COCO data",
 }
 OPTION_TYPES = {"workers": int, "encoded_image_size": int}  # of the keywords whose default is None (else str)
 OPTION_CHOICES = {"split": ("TRAIN", "VAL", "TEST"), "tokenizer": TOKENIZERS}

@@ -142,8 +142,9 @@ def test_n_best_one_writes_what_it_always_did(trained, tmp_path):
     solver.test(trained["best_checkpoint"], beam_size=3, predictions_json=str(default), coco_metrics=False)
     solver.test(trained["best_checkpoint"], beam_size=3, predictions_json=str(two), coco_metrics=False, n_best=2)
     default, two = json.loads(default.read_text()), json.loads(two.read_text())
-    assert all(set(entry) == {"image_id", "caption", "mass_in_box"} for entry in default)
-    assert [{key: entry[key] for key in ("image_id", "caption", "mass_in_box")} for entry in two] == default
+    keys = ("image_id", "caption", "mass_in_box", "hallucinated")
+    assert all(set(entry) == set(keys) for entry in default)
+    assert [{key: entry[key] for key in keys} for entry in two] == default
 
 
 # ---------------------------------------------------------------- the encoder pass

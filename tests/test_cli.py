@@ -166,7 +166,7 @@ def test_the_options_reach_the_functions(monkeypatch):
                              "data_folder": None, "batch_size": 7, "max_steps": 9, "blind": True, "device": "cpu",
                              "coco_metrics": False, "workers": 1, "length_penalty": 0.6, "block_trigrams": True,
                              "n_best": 2, "tokenizer": "python",
-                             "clip_metric_model": "ViT-B-16:openai"}
+                             "clip_metric_model": "ViT-B-16:openai", "instances": None}
 
 
 @pytest.mark.parametrize("command", ["test", "caption"])

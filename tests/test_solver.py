@@ -17,6 +17,7 @@ from conftest import tiny_cfg
 from datasets import ImageCaptionsDataset, load_word_map
 from images import normalize_images
 from models import Encoder
+from chair import NO_OBJECT_LISTS
 from checkpoints import load_checkpoint
 from utils import ToolkitError
 
@@ -183,7 +184,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shapes, tm
 def test_test_prints_and_returns_bleu_and_writes_predictions(trained, tmp_path, capsys):
     out = tmp_path / "predictions.json"
     scores = solver.test(trained["best_checkpoint"], beam_size=2, predictions_json=str(out), coco_metrics=False)
-    assert set(scores) - {"peak_in_box", "mass_in_box", "uniform_mass_in_box"} == {"bleu1", "bleu2", "bleu3", "bleu4"}
+    assert set(scores) - {"peak_in_box", "mass_in_box", "uniform_mass_in_box", "chair_i", "chair_s"} == {
+        "bleu1", "bleu2", "bleu3", "bleu4"}
     printed = capsys.readouterr().out
     for n in range(1, 5):
         assert f"BLEU-{n}: {scores[f'bleu{n}']:.4f}" in printed
@@ -298,3 +300,32 @@ def test_test_skips_clip_scores_with_one_note_without_their_weights(trained, mon
     notes = [line for line in capsys.readouterr().out.splitlines() if "CLIP-S" in line]
     assert len(notes) == 1 and notes[0].startswith("CLIP-S / RefCLIP-S: unavailable (")
     assert "cider" in scores and "clip_s" not in scores
+
+
+def test_test_reports_chair_on_shapes_data(trained, tmp_path, capsys):
+    out = tmp_path / "predictions.json"
+    scores = solver.test(trained["best_checkpoint"], beam_size=2, predictions_json=str(out), coco_metrics=False)
+    printed = capsys.readouterr().out
+    assert f"CHAIR-i: {scores['chair_i']:.4f}" in printed and f"CHAIR-s: {scores['chair_s']:.4f}" in printed
+    hallucinated = [p["hallucinated"] for p in json.loads(out.read_text())]
+    assert all(isinstance(names, list) for names in hallucinated)
+    assert scores["chair_s"] == sum(map(bool, hallucinated)) / len(hallucinated)
+
+
+def test_test_says_in_one_line_that_data_without_object_lists_has_no_chair(trained, tiny_shapes, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shapes.folder, data)
+    refs_path = data / f"TEST_REFS_{tiny_shapes.data_name}.json"
+    entries = json.loads(refs_path.read_text())
+    refs = [{key: value for key, value in entry.items() if key != "objects"} for entry in entries]
+    refs_path.write_text(json.dumps(refs))
+    scores = solver.test(trained["best_checkpoint"], beam_size=2, data_folder=str(data), coco_metrics=False)
+    assert "chair_i" not in scores and "chair_s" not in scores
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("CHAIR")]
+    assert lines == [f"CHAIR: unavailable ({NO_OBJECT_LISTS})"]
+    assert "--instances" in NO_OBJECT_LISTS
+
+
+def test_instances_on_shapes_data_are_refused(trained, tmp_path):
+    with pytest.raises(ToolkitError, match="lists its own objects \\(shapes\\): drop --instances"):
+        solver.test(trained["best_checkpoint"], coco_metrics=False, instances=str(tmp_path / "instances.json"))

@@ -79,11 +79,18 @@ def best_captions(decoder, complete, running, n_best, length_penalty):
             for words, score, attention in (ranked + running)[:n_best]]
 
 
+def flat_grid(encoder_out):
+    """Encodings (B, G, G, C) or (B, P, C) -> (B, P, C); an ensemble's tuple of them, one per model -> a tuple."""
+    if isinstance(encoder_out, tuple):
+        return tuple(flat_grid(encodings) for encodings in encoder_out)
+    return encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))
+
+
 def expand_start(decoder, encoder_out, beams):
-    """Flatten (B, G, G, C) encodings; return each image's memory once and its state `beams` times."""
-    encoder_out = encoder_out.reshape(encoder_out.size(0), -1, encoder_out.size(-1))  # (B, P, C)
-    memory, state = decoder.start(encoder_out)
-    index = torch.arange(encoder_out.size(0), device=encoder_out.device).repeat_interleave(beams)
+    """Start the decoder on the flat_grid encodings; return each image's memory once and its state `beams` times."""
+    memory, state = decoder.start(flat_grid(encoder_out))
+    rows = state[0]  # (B, ...): every decoder's state has a row per image
+    index = torch.arange(rows.size(0), device=rows.device).repeat_interleave(beams)
     return memory, select_rows(state, index)
 
 
@@ -102,14 +109,16 @@ def repeated_trigram_words(words):
 @torch.inference_mode()
 def beam_search_one(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=50, length_penalty=0.0,
                     block_trigrams=False, n_best=1):
-    """The course's beam search for one image: encoder_out (1, G, G, C) or (1, P, C) -> Caption, or with
-    n_best > 1 a list of n_best Captions, best first (the options: the module's docstring)."""
+    """The course's beam search for one image: encoder_out (1, G, G, C) or (1, P, C) (an Ensemble's: a tuple of them,
+    one per model) -> Caption, or with n_best > 1 a list of n_best Captions, best first (the options: the module's
+    docstring)."""
     check_search_options(beam_size, length_penalty, block_trigrams, n_best)
     k = beam_size
     memory, state = expand_start(decoder, encoder_out, k)
-    prev_words = torch.full((k,), start_id, dtype=torch.long, device=encoder_out.device)
+    device = state[0].device
+    prev_words = torch.full((k,), start_id, dtype=torch.long, device=device)
     seqs = prev_words.unsqueeze(1)  # (k, 1)
-    top_k_scores = torch.zeros(k, device=encoder_out.device)
+    top_k_scores = torch.zeros(k, device=device)
     trail = None  # (k, t, P) attention of each beam so far
     complete = []  # (words, score, attention) in completion order
     for step in range(1, max_steps + 1):
@@ -145,8 +154,9 @@ def beam_search_one(decoder, encoder_out, start_id, end_id, beam_size=3, max_ste
 @torch.inference_mode()
 def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=50, length_penalty=0.0,
                 block_trigrams=False, n_best=1):
-    """Batched beam search: encoder_out (B, G, G, C) or (B, P, C) -> list of B Captions, or with n_best > 1 of B
-    lists of n_best Captions, best first (the options: the module's docstring).
+    """Batched beam search: encoder_out (B, G, G, C) or (B, P, C) (an Ensemble's: a tuple of them, one per model) ->
+    list of B Captions, or with n_best > 1 of B lists of n_best Captions, best first (the options: the module's
+    docstring).
 
     Every image searching has k rows of the batch, image after image (its k consecutive state rows share its
     memory row): its running beams first, in score order, then masked slots, whose score is -inf so that they
@@ -154,8 +164,9 @@ def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=5
     the first). A beam that completes masks its slot; an image whose search ended leaves the batch.
     """
     check_search_options(beam_size, length_penalty, block_trigrams, n_best)
-    k, device = beam_size, encoder_out.device
+    k = beam_size
     memory, state = expand_start(decoder, encoder_out, k)  # k state rows per image
+    device = state[0].device
     batch = state[0].size(0) // k
     prev_words = torch.full((batch * k,), start_id, dtype=torch.long, device=device)  # (B k,)
     seqs = prev_words.unsqueeze(1)  # (B k, t)

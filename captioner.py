@@ -4,6 +4,9 @@
     for result in captioner.caption(["photo1.jpg", "photos/"]):
         print(result["path"], result["caption"])
 
+Captioner.from_checkpoints([path, ...]) loads several checkpoints as one ensemble (ensemble.py): each model encodes
+the images at its own image size into its own grid, and their decoders search together.
+
 Images are file paths (a folder stands for the image files in it), PIL images or uint8 tensors (3, H, W);
 they are batched through the encoder (with the device's plan, see encoding.py) and the batched beam
 search. An image that cannot be read is reported and gets caption None; the others are captioned.
@@ -14,11 +17,13 @@ import sys
 
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from beam_search import beam_search, check_search_options
 from checkpoints import check_checkpoint, load_checkpoint
 from config import pick_device
 from encoding import encode_images, inference_plan
+from ensemble import Ensemble, check_word_maps
 from figures import visualize_att
 from models import build_decoder, build_encoder, uninitialised
 from images import load_image_tensor as read_image  # the loader preprocessing uses
@@ -151,14 +156,34 @@ class Captioner:
         checkpoint, encoder, decoder = load_for_inference(path, device)
         return cls(encoder, decoder, checkpoint["word_map"], checkpoint["image_size"], checkpoint["cfg"])
 
+    @staticmethod
+    def from_checkpoints(paths, device=None):
+        """One checkpoint path: from_checkpoint's Captioner. Several: their EnsembleCaptioner, with every checkpoint
+        loaded and checked, and their word maps compared, before any model is built."""
+        if not paths:
+            raise ToolkitError("no checkpoint given: pass one checkpoint path, or several for an ensemble")
+        if len(paths) == 1:
+            return Captioner.from_checkpoint(paths[0], device)
+        device = pick_device(device)
+        checkpoints = [check_checkpoint(load_checkpoint(path), path) for path in paths]
+        check_word_maps(paths, [checkpoint["word_map"] for checkpoint in checkpoints])
+        models = [load_models(checkpoint, device, path) for checkpoint, path in zip(checkpoints, paths)]
+        encoders, decoders = zip(*models)  # per model its (encoder, decoder)
+        return EnsembleCaptioner(encoders, decoders, checkpoints[0]["word_map"],
+                                 [checkpoint["image_size"] for checkpoint in checkpoints], checkpoints[0]["cfg"])
+
     def encode(self, images, largest_batch=50):
         """uint8 images (B, 3, S, S) -> encodings (B, G, G, C) on the model's device, with the device's plan for
         passes of up to largest_batch images."""
         return encode_images(self.encoder, images.to(self.device), inference_plan(self.device, largest_batch))
 
+    def read(self, source):
+        """A path, PIL image or uint8 tensor (3, H, W) -> the image as encode takes it: uint8 (3, S, S)."""
+        return image_tensor(source, self.image_size)
+
     def decode(self, encoder_out, beam_size=3, max_steps=50, length_penalty=0.0, block_trigrams=False, n_best=1):
-        """Encodings (B, G, G, C) -> per image, a list of its n_best beam_search Captions, best first (n_best at most
-        beam_size, which clamp_beam_size may have lowered)."""
+        """Encodings (B, G, G, C) (an ensemble's: a tuple, one per model) -> per image, a list of its n_best
+        beam_search Captions, best first (n_best at most beam_size, which clamp_beam_size may have lowered)."""
         n_best = min(n_best, beam_size)
         found = beam_search(self.decoder, encoder_out, self.word_map["<start>"], self.word_map["<end>"], beam_size,
                             max_steps, length_penalty, block_trigrams, n_best)
@@ -196,13 +221,13 @@ class Captioner:
         for source in sources:
             results.append({"path": source_name(source), "caption": None, "error": None})
             try:
-                pixels.append(image_tensor(source, self.image_size))
+                pixels.append(self.read(source))
             except ToolkitError as error:
                 print(f"error: {error}", file=sys.stderr)
                 results[-1]["error"] = str(error)
         readable = [result for result in results if result["error"] is None]
         if readable:
-            encoder_out = self.encode(torch.stack(pixels), largest_batch)  # (B, G, G, C)
+            encoder_out = self.encode(default_collate(pixels), largest_batch)  # (B, G, G, C), or one per model
             for result, found in zip(readable, self.decode(encoder_out, **search)):
                 result.update(self.describe(found))
         return results
@@ -222,6 +247,29 @@ class Captioner:
     def text(self, caption):
         """A Caption's words without the special ones, joined by spaces."""
         return " ".join(self.words[w] for w in strip_special(caption.words, self.word_map))
+
+
+class EnsembleCaptioner(Captioner):
+    """Several trained models of one word map captioning as one: each encodes the images at its own image size into
+    its own grid, and their decoders search together as an Ensemble (ensemble.py). encoder, image_size and cfg are
+    the first model's: the grid of the attention reported, the data test reads."""
+
+    def __init__(self, encoders, decoders, word_map, image_sizes, cfg):
+        super().__init__(encoders[0], Ensemble(decoders), word_map, image_sizes[0], cfg)
+        self.encoders, self.image_sizes = encoders, image_sizes
+
+    def encode(self, images, largest_batch=50):
+        """uint8 images (B, 3, S, S) for every model, or a sequence of them, one per model at its image size -> per
+        model its encodings (B, G_m, G_m, C_m), a tuple."""
+        if isinstance(images, torch.Tensor):
+            images = [images] * len(self.encoders)
+        plan = inference_plan(self.device, largest_batch)
+        return tuple(encode_images(encoder, pixels.to(self.device), plan)
+                     for encoder, pixels in zip(self.encoders, images, strict=True))
+
+    def read(self, source):
+        """A path, PIL image or uint8 tensor (3, H, W) -> per model the image at its image size, uint8 (3, S_m, S_m)."""
+        return tuple(image_tensor(source, size) for size in self.image_sizes)
 
 
 def result_figure(result, smooth=True, out=None):

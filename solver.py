@@ -56,10 +56,16 @@ def inference_workers(workers, device):
     return default_workers({"workers": workers})
 
 
+def checkpoint_paths(checkpoint):
+    """test's and caption's checkpoint: one path, or a list of them (an ensemble) -> a list of paths."""
+    return [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
+
+
 def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_folder=None, batch_size=50,
          max_steps=50, blind=False, device=None, coco_metrics=True, workers=None, length_penalty=0.0,
          block_trigrams=False, n_best=1, tokenizer=None, clip_metric_model=DEFAULT_CLIP_MODEL, instances=None):
-    """Beam search over a split (no teacher forcing); prints and returns the scores.
+    """Beam search over a split (no teacher forcing); prints and returns the scores. `checkpoint`: a path, or a list
+    of paths: their ensemble (Captioner.from_checkpoints), testing on the first one's data.
 
     Returns a dict with the course's BLEU (`bleu1`..`bleu4`, nltk corpus_bleu against the split's
     captions) and, with coco_metrics, the coco-caption metrics against each image's full original
@@ -82,13 +88,14 @@ def test(checkpoint, beam_size=3, split="TEST", predictions_json=None, data_fold
         check_writable_file(predictions_json, "predictions_json (--predictions-json)")
     if coco_metrics and clip_metric_model:
         parse_model(clip_metric_model)
-    captioner = Captioner.from_checkpoint(checkpoint, device)
+    paths = checkpoint_paths(checkpoint)
+    captioner = Captioner.from_checkpoints(paths, device)
     word_map, cfg = captioner.word_map, captioner.cfg
     beam_size = clamp_beam_size(beam_size, word_map)
     data_folder = data_folder or cfg["data_folder"]
     check_data_files(data_folder, cfg["data_name"], (split,))
     if load_word_map(data_folder, cfg["data_name"]) != word_map:
-        raise ToolkitError(word_map_mismatch(checkpoint, data_folder, cfg["data_name"]))
+        raise ToolkitError(word_map_mismatch(paths[0], data_folder, cfg["data_name"]))
     refs = load_references(data_folder, cfg["data_name"], split, word_map)
     object_lists = image_objects(refs, instances)  # before the beam search: a bad instances file fails first
     dataset = ImageCaptionsDataset(data_folder, cfg["data_name"], split)
@@ -154,7 +161,8 @@ def n_best_json(fields):
 
 def caption(checkpoint, images, beam_size=3, max_steps=50, batch_size=50, device=None, output=None, figures=None,
             smooth=True, length_penalty=0.0, block_trigrams=False, n_best=1, coco_results=None):
-    """Caption image files (a folder stands for its image files). Returns Captioner.caption's dicts: path,
+    """Caption image files (a folder stands for its image files) with a checkpoint, or with the ensemble of a list of
+    them (Captioner.from_checkpoints). Returns Captioner.caption's dicts: path,
     caption (str), words, seq, score, alphas, betas, grid, n_best; an unreadable image is reported and gets
     caption None and an error. `output`: also write JSON lines {"file", "caption", "score"} (with n_best > 1 also
     "n_best", the n best with their scores); `figures`: a folder for each image's attention figure (<name>.png);
@@ -171,8 +179,8 @@ def caption(checkpoint, images, beam_size=3, max_steps=50, batch_size=50, device
     if coco_results:
         check_writable_file(coco_results, "coco_results (--coco-results)")
         check_coco_results(coco_results, sources)
-    results = Captioner.from_checkpoint(checkpoint, device).caption(sources, beam_size, max_steps, batch_size,
-                                                                    length_penalty, block_trigrams, n_best)
+    results = Captioner.from_checkpoints(checkpoint_paths(checkpoint), device).caption(
+        sources, beam_size, max_steps, batch_size, length_penalty, block_trigrams, n_best)
     if output:
         write_json_lines(output, results, n_best)
     if figures:
@@ -266,7 +274,9 @@ def checkpoint_labels(paths):
 # The options of test, caption, compare and import-course are made from the functions' signatures: every
 # keyword is an option (dashes for underscores, --x/--no-x for booleans), with its help text here.
 OPTION_HELP = {
-    "checkpoint": "a checkpoint written by training (or by import-course)",
+    "checkpoint": "a checkpoint written by training (or by import-course); several (test: --checkpoint A B; caption: "
+                  "--checkpoint A --checkpoint B): their ensemble, which takes the log of the models' mean word "
+                  "probability at every step (their word maps must be equal)",
     "checkpoints": "the checkpoints to test side by side",
     "images": "image files, or folders of them",
     "beam_size": "beam width of the beam search",
@@ -305,6 +315,9 @@ OPTION_TYPES = {"workers": int, "encoded_image_size": int}  # of the keywords wh
 OPTION_CHOICES = {"split": ("TRAIN", "VAL", "TEST"), "tokenizer": TOKENIZERS}
 POSITIONAL = {"images": "IMAGE", "checkpoints": "CHECKPOINT", "path": "CHECKPOINT"}  # name -> metavar
 VARIADIC = ("images", "checkpoints")  # positional arguments taking one or more values
+# required options taking one or more values, a list: after one flag, or with the flag repeated where a variadic
+# positional argument would swallow the values after the first
+SEVERAL = ("checkpoint",)
 
 
 PASSED_ON_SKIP = ("checkpoint", "predictions_json", "n_best")  # test's keywords that compare does not pass on
@@ -321,13 +334,17 @@ def function_parameters(function, extra=None):
 
 def add_function_options(parser, function, extra=None):
     """One argument per parameter of `function` (and of `extra`, see function_parameters)."""
-    for parameter in function_parameters(function, extra):
+    parameters = function_parameters(function, extra)
+    repeated = any(parameter.name in VARIADIC for parameter in parameters)
+    for parameter in parameters:
         name, default, meaning = parameter.name, parameter.default, OPTION_HELP[parameter.name]
         if name in POSITIONAL:
             parser.add_argument(name, nargs="+" if name in VARIADIC else None, metavar=POSITIONAL[name], help=meaning)
         elif default is inspect.Parameter.empty:
+            several = ({} if name not in SEVERAL else {"action": "append"} if repeated else
+                       {"action": "extend", "nargs": "+"})
             parser.add_argument("--" + name.replace("_", "-"), dest=name, required=True, default=argparse.SUPPRESS,
-                                help=meaning)
+                                help=meaning, **several)
         elif isinstance(default, bool):
             parser.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
                                 default=default, help=meaning)

@@ -1,5 +1,5 @@
 """Beam search: batched against the one-image reference (with each option too), greedy at k=1, larger beams score
-higher, the length penalty, trigram blocking and the n best."""
+higher, the length penalty, trigram blocking and the n best; an ensemble of decoders, step by step and searched."""
 import functools
 
 import pytest
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from beam_search import beam_search, beam_search_one
-from models import DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN
+from ensemble import Ensemble
+from models import DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN, DecoderWithTransformer
 from utils import ToolkitError
 
 VOCAB, CHANNELS, START, END = 30, 16, 1, 3
@@ -221,3 +222,59 @@ def test_bad_options_are_refused(options, message):
         beam_search(decoder, encoder_out, START, END, 3, **options)
     with pytest.raises(ToolkitError, match=message):
         beam_search_one(decoder, encoder_out[:1], START, END, 3, **options)
+
+
+# ---------------------------------------------------------------- an ensemble of decoders
+
+
+def test_an_ensemble_step_is_the_log_of_the_mean_probability_of_its_decoders():
+    """Two decoders of other kinds, grids and channels; two steps (the second reads the state laid end to end)."""
+    torch.manual_seed(0)
+    decoders = [DecoderWithAttention(10, 8, 12, VOCAB, CHANNELS, dropout=0.0).eval(),
+                DecoderWithTransformer(VOCAB, encoder_dim=24, model_dim=16, layers=1, encoder_layers=1, heads=2).eval()]
+    encodings = (torch.randn(2, 9, CHANNELS), torch.randn(2, 4, 24))  # (B, P_m, C_m)
+    ensemble = Ensemble(decoders)
+    words = torch.tensor([START, START])
+    with torch.no_grad():
+        memory, state = ensemble.start(encodings)
+        alone = [decoder.start(encoder_out) for decoder, encoder_out in zip(decoders, encodings)]  # (memory, state)
+        for _ in range(2):
+            scores, state, attention = ensemble.one_step(ensemble.embedding(words), memory, state)
+            steps = [decoder.one_step(decoder.embedding(words), *started) for decoder, started in zip(decoders, alone)]
+            probabilities = [F.softmax(step_scores, dim=1) for step_scores, _, _ in steps]  # each (B, V)
+            torch.testing.assert_close(scores, torch.log((probabilities[0] + probabilities[1]) / 2))
+            torch.testing.assert_close(torch.logsumexp(scores, dim=1), torch.zeros(2))  # normalised already
+            torch.testing.assert_close(attention, steps[0][2])  # the first decoder's
+            assert len(state) == len(steps[0][1]) + len(steps[1][1])
+            alone = [(started[0], new_state) for started, (_, new_state, _) in zip(alone, steps)]
+            words = scores.argmax(dim=1)
+
+
+def trained_ensemble():
+    """An ensemble of an adaptive, an rnn and an attention decoder, and per decoder its own encodings."""
+    trained = [trained_decoder(name) for name in ("adaptive", "rnn", "attention")]
+    return Ensemble([decoder for decoder, _ in trained]), tuple(encoder_out for _, encoder_out in trained)
+
+
+@pytest.mark.parametrize("beam_size, options", [(3, {}), (5, OPTIONS["all three"])])
+def test_batched_equals_one_at_a_time_on_an_ensemble(beam_size, options):
+    ensemble, encodings = trained_ensemble()
+    batched = beam_search(ensemble, encodings, START, END, beam_size, 14, **options)
+    reference = [beam_search_one(ensemble, tuple(encoder_out[i:i + 1] for encoder_out in encodings), START, END,
+                                 beam_size, 14, **options) for i in range(len(encodings[0]))]
+    if options.get("n_best", 1) == 1:
+        batched, reference = [[found] for found in batched], [[found] for found in reference]
+    assert_same_captions(batched, reference)
+    assert len({len(found[0].words) for found in reference}) > 2, "captions should end at different steps"
+    for got, want in zip(batched, reference):
+        assert got[0].alphas.shape == (len(got[0].words) - 1, 9)  # the first decoder's attention and sentinel
+        torch.testing.assert_close(got[0].alphas.sum(1) + got[0].betas, torch.ones(len(got[0].words) - 1))
+        torch.testing.assert_close(got[0].alphas, want[0].alphas, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_an_ensemble_of_one_decoder_searches_as_the_decoder(name):
+    decoder, encoder_out = trained_decoder(name)
+    alone = beam_search(decoder, encoder_out, START, END, 3, max_steps=14, n_best=2)
+    ensemble = beam_search(Ensemble([decoder]), (encoder_out,), START, END, 3, max_steps=14, n_best=2)
+    assert_same_captions(ensemble, alone)

@@ -1,6 +1,6 @@
 """The Captioner (against beam_search on the same inputs, bad images in a batch, the decoding options from the
-command line), the encoder pass in every layout and chunk size it may pick, and checkpoints of an earlier version of
-the toolkit."""
+command line), ensembles of checkpoints, the encoder pass in every layout and chunk size it may pick, and checkpoints
+of an earlier version of the toolkit."""
 import inspect
 import json
 import os
@@ -17,7 +17,7 @@ import solver
 from backbones import BACKBONES
 from beam_search import beam_search
 from captioner import Captioner, load_models, read_image
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
 from conftest import tiny_cfg
 from images import normalize_images
 from models import DECODERS, Encoder, build_decoder, uninitialised
@@ -145,6 +145,64 @@ def test_n_best_one_writes_what_it_always_did(trained, tmp_path):
     keys = ("image_id", "caption", "mass_in_box", "hallucinated")
     assert all(set(entry) == set(keys) for entry in default)
     assert [{key: entry[key] for key in keys} for entry in two] == default
+
+
+# ---------------------------------------------------------------- ensembles
+
+
+@pytest.fixture(scope="module")
+def other(tiny_shapes, tmp_path_factory):
+    """A second short run on the same data (so the same word map): the rnn decoder over a 3 x 3 grid."""
+    return solver.train(tiny_cfg(tiny_shapes, tmp_path_factory.mktemp("ensemble"), decoder="rnn",
+                                 encoded_image_size=3))
+
+
+def edited_checkpoint(path, out, **entries):
+    """A copy of checkpoint `path` with `entries` replaced, written to `out`."""
+    save_checkpoint(dict(load_checkpoint(path), **entries), out)
+    return str(out)
+
+
+def test_an_ensemble_of_one_checkpoint_is_that_checkpoint(trained, tiny_shapes):
+    one = Captioner.from_checkpoints([trained["best_checkpoint"]], device="cpu")
+    alone = Captioner.from_checkpoint(trained["best_checkpoint"], device="cpu")
+    paths = shapes_images(tiny_shapes, 3)
+    assert type(one) is Captioner
+    found, expected = one.caption(paths), alone.caption(paths)
+    assert [(r["seq"], r["score"]) for r in found] == [(r["seq"], r["score"]) for r in expected]
+
+
+def test_an_ensemble_encodes_with_each_model_at_its_image_size_and_searches_as_one(trained, other, tiny_shapes,
+                                                                                  tmp_path):
+    smaller = edited_checkpoint(other["best_checkpoint"], tmp_path / "smaller.pth.tar", image_size=48)
+    ensemble = Captioner.from_checkpoints([trained["best_checkpoint"], smaller], device="cpu")
+    assert ensemble.image_sizes == [64, 48] and len(ensemble.decoder.decoders) == 2
+    paths = shapes_images(tiny_shapes, 3)
+    pixels = [torch.stack([read_image(path, size) for path in paths]) for size in (64, 48)]  # (3, 3, S_m, S_m)
+    with torch.inference_mode():
+        encodings = tuple(encoder(normalize_images(images)) for encoder, images in zip(ensemble.encoders, pixels))
+    assert [tuple(encoder_out.shape[1:3]) for encoder_out in encodings] == [(4, 4), (3, 3)]  # each model's grid
+    word_map = ensemble.word_map
+    expected = beam_search(ensemble.decoder, encodings, word_map["<start>"], word_map["<end>"], 3, 20)
+    results = ensemble.caption(paths, beam_size=3, max_steps=20, batch_size=2)
+    assert [result["seq"] for result in results] == [found.words for found in expected]
+    assert [result["score"] for result in results] == pytest.approx([found.score for found in expected], abs=1e-4)
+    for result in results:  # the first model's attention, over its 4 x 4 grid
+        steps = len(result["seq"]) - 1
+        assert result["grid"] == 4 and result["alphas"].shape == (steps, 16) and result["betas"].shape == (steps,)
+
+
+def test_checkpoints_with_other_word_maps_are_refused_before_any_model_is_built(trained, other, tmp_path,
+                                                                                monkeypatch):
+    word_map = load_checkpoint(other["best_checkpoint"])["word_map"]
+    first, second = sorted(word for word in word_map if not word.startswith("<"))[:2]
+    swapped = edited_checkpoint(other["best_checkpoint"], tmp_path / "swapped.pth.tar",
+                                word_map=dict(word_map, **{first: word_map[second], second: word_map[first]}))
+    monkeypatch.setattr(captioner_module, "load_models", lambda *args: pytest.fail("a model was built"))
+    with pytest.raises(ToolkitError, match="have different word maps") as refused:
+        Captioner.from_checkpoints([trained["best_checkpoint"], other["best_checkpoint"], swapped], device="cpu")
+    assert f"{trained['best_checkpoint']!r} and {swapped!r}" in str(refused.value)
+    assert "2 words of the first are missing from the second or have another index" in str(refused.value)
 
 
 # ---------------------------------------------------------------- the encoder pass

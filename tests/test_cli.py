@@ -76,6 +76,32 @@ def test_caption_prints_one_caption_per_image(checkpoints, tiny_shapes, tmp_path
     assert_clean_error(result, "broken.png")
 
 
+def test_test_and_caption_decode_with_an_ensemble_of_several_checkpoints(checkpoints, tiny_shapes, tmp_path):
+    """test's --checkpoint takes several paths, caption's is repeated (its images follow): both decode as
+    Captioner.from_checkpoints."""
+    import torch
+
+    from captioner import Captioner
+    from datasets import ImageCaptionsDataset
+
+    both = [checkpoints["attention"], checkpoints["rnn"]]
+    predictions, output = tmp_path / "predictions.json", tmp_path / "captions.jsonl"
+    solver_cli("test", "--checkpoint", *both, "--beam-size", "2", "--no-coco-metrics", "--predictions-json",
+               predictions, "--device", "cpu")
+    images = [os.path.join(tiny_shapes.folder, "shapes_images", f"shapes_00000{i}.jpg") for i in range(2)]
+    solver_cli("caption", "--checkpoint", both[0], "--checkpoint", both[1], *images, "--beam-size", "2", "--output",
+               output, "--device", "cpu")
+    ensemble = Captioner.from_checkpoints(both, device="cpu")
+    test_images = torch.stack([item[0] for item in ImageCaptionsDataset(tiny_shapes.folder, tiny_shapes.data_name,
+                                                                        "TEST")])  # (8, 3, S, S)
+    found = ensemble.decode(ensemble.encode(test_images), beam_size=2)
+    assert [entry["caption"] for entry in json.loads(predictions.read_text())] == [ensemble.text(f[0]) for f in found]
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    expected = ensemble.caption(images, beam_size=2)
+    assert [line["caption"] for line in lines] == [result["caption"] for result in expected]
+    assert [line["score"] for line in lines] == pytest.approx([result["score"] for result in expected], abs=1e-4)
+
+
 def test_compare_writes_a_markdown_table(checkpoints, tmp_path):
     out = tmp_path / "table.md"
     solver_cli("compare", checkpoints["attention"], checkpoints["rnn"], "--beam-size", "2", "--out", out)
@@ -162,7 +188,7 @@ def test_the_options_reach_the_functions(monkeypatch):
                  "--split", "VAL", "--no-coco-metrics", "--workers", "1", "--blind", "--length-penalty", "0.6",
                  "--block-trigrams", "--n-best", "2", "--tokenizer", "python",
                  "--clip-metric-model", "ViT-B-16:openai"])
-    assert calls["test"] == {"checkpoint": "c.pth.tar", "beam_size": 3, "split": "VAL", "predictions_json": None,
+    assert calls["test"] == {"checkpoint": ["c.pth.tar"], "beam_size": 3, "split": "VAL", "predictions_json": None,
                              "data_folder": None, "batch_size": 7, "max_steps": 9, "blind": True, "device": "cpu",
                              "coco_metrics": False, "workers": 1, "length_penalty": 0.6, "block_trigrams": True,
                              "n_best": 2, "tokenizer": "python",

@@ -159,3 +159,12 @@ def test_backbone_table_counts_the_attention_projections_of_clip_vit():
     from benchmarks.encoder import _meta_gflops
 
     assert _meta_gflops(14, "clip_vit_b16", 224) == pytest.approx(35.1, abs=0.1)
+
+
+def test_the_options_study_table_gives_each_variants_mean_and_seeds():
+    from benchmarks.options_study import table
+    rows = {"plain": {0: {"bleu4": 0.5, "cider": 4.0}, 1: {"bleu4": 0.7, "cider": 5.0}},
+            "ensemble": {"ensemble": {"bleu4": 0.65, "cider": 4.25}}}
+    lines = table(rows).splitlines()
+    assert lines[2] == "| plain | 0.6000 | 4.5000 | 0.5000, 0.7000 | 4.0000, 5.0000 |"
+    assert lines[3] == "| ensemble | 0.6500 | 4.2500 | 0.6500 | 4.2500 |"

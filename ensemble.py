@@ -1,13 +1,12 @@
-"""Ensembles: the decoders of several trained models searching as one decoder, as self-critical.pytorch's AttEnsemble.
+"""Ensembles: the decoders of several trained models searching as one decoder.
 
 At every step each model scores the next word from its own encodings and state, and the ensemble's word scores are
-the log of the models' mean probability, log (1/M) sum_m softmax(scores_m): what AttEnsemble.get_logprobs_state
-computes (self-critical.pytorch, captioning/models/AttEnsemble.py, with its default equal weights). They are
-normalised log-probabilities, so the log_softmax the searches apply to a decoder's scores leaves them as they are
-(up to rounding), and a caption's score is its total log-probability under the ensemble.
+the mean of the models' log-probabilities, (1/M) sum_m log_softmax(scores_m). The log_softmax the searches apply to
+a decoder's scores then normalises them: the ensemble's distribution is the models' normalised geometric mean, and
+a caption's score its total log-probability under it. (self-critical.pytorch's AttEnsemble averages the
+probabilities instead, the arithmetic mean: it differs where the models disagree.)
 """
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +40,13 @@ class Ensemble(nn.Module):
         return tuple(decoder.embedding(words) for decoder in self.decoders)
 
     def one_step(self, embeddings, memory, state):
-        """One step of every model -> the log of their mean probability (N, V), the new state laid end to end, and
+        """One step of every model -> the mean of their log-probabilities (N, V), the new state laid end to end, and
         the first model's attention (N, P_1) or (N, P_1 + 1), or None."""
         steps = [decoder.one_step(embedded, own_memory, own_state) for decoder, embedded, own_memory, own_state in
                  zip(self.decoders, embeddings, split_tuple(memory, self.memory_sizes),
                      split_tuple(state, self.state_sizes))]
         log_probs = torch.stack([F.log_softmax(scores, dim=1) for scores, _, _ in steps])  # (M, N, V)
-        mean_log_prob = torch.logsumexp(log_probs, dim=0) - math.log(len(steps))  # (N, V)
-        return mean_log_prob, join_tuples(own_state for _, own_state, _ in steps), steps[0][2]
+        return log_probs.mean(dim=0), join_tuples(own_state for _, own_state, _ in steps), steps[0][2]
 
 
 def join_tuples(tuples):
@@ -64,12 +62,12 @@ def split_tuple(tensors, sizes):
 
 def check_word_maps(paths, word_maps):
     """Refuse an ensemble of checkpoints whose word maps differ, naming the first file and the one that differs: the
-    ensemble averages its models' probabilities word by word."""
+    ensemble averages its models' log-probabilities word by word."""
     first = word_maps[0]
     for path, word_map in zip(paths[1:], word_maps[1:]):
         if word_map != first:
             moved = sum(word_map.get(word) != index for word, index in first.items())
             raise ToolkitError(f"checkpoints {paths[0]!r} and {path!r} have different word maps ({len(first)} and "
                                f"{len(word_map)} words; {moved} words of the first are missing from the second or "
-                               f"have another index): an ensemble averages its models' probabilities word by word. "
+                               f"have another index): an ensemble averages its models' log-probabilities word by word. "
                                f"Ensemble checkpoints trained on the same data (the same WORDMAP_<data_name>.json)")

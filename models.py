@@ -200,12 +200,8 @@ class CaptionDecoder(nn.Module):
                                for x in (outputs, alphas))  # (sum of lengths, ...)
         else:
             outputs, alphas = self.recur_running(embeddings, memory, state, running)
-        batch_sizes = torch.tensor(running)
-        scores = self.scores(outputs)  # (sum of lengths, V), time-major as a PackedSequence
-        predictions = pad_packed_sequence(PackedSequence(scores, batch_sizes), batch_first=True)[0]  # (N, T, V)
-        if alphas is None:
-            return predictions, None
-        return predictions, pad_packed_sequence(PackedSequence(alphas, batch_sizes), batch_first=True)[0]
+        predictions = lay_out(self.scores(outputs), running)  # (N, T, V)
+        return predictions, None if alphas is None else lay_out(alphas, running)
 
     def recur_running(self, embeddings, memory, state, running):
         """The recurrence over the first running[t] rows at step t: (N, L, E) embeddings -> step outputs
@@ -228,6 +224,12 @@ class CaptionDecoder(nn.Module):
             outputs.append(output)
             alphas.append(alpha)
         return torch.stack(outputs), None if alphas[0] is None else torch.stack(alphas)
+
+
+def lay_out(packed, running):
+    """Per-position rows laid end to end, time-major as a PackedSequence (the first running[t] captions at
+    position t): (sum of running, ...) -> (N, T, ...) sorted by decreasing length, zeros past each caption's end."""
+    return pad_packed_sequence(PackedSequence(packed, torch.tensor(running)), batch_first=True)[0]
 
 
 def running_counts(decode_lengths):

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from cider import CiderD
 from datasets import load_references
-from models import running_counts, select_rows
+from models import lay_out, running_counts, select_rows
 from sampling import draw_words, greedy_baseline, greedy_captions, mean_baseline, sample_captions, scst_loss
 
 
@@ -82,12 +82,6 @@ def mixed_inputs(reference, previous_scores, probability, generator=None):
     return torch.where(sampled, drawn, reference)
 
 
-def padded_steps(steps, rows):
-    """Per-position tensors (n_t, ...) of the first n_t of `rows` captions sorted by decreasing length ->
-    (rows, T, ...), zeros past each caption's end (as the decoders' forward lays them out)."""
-    return torch.stack([F.pad(step, (0, 0, 0, rows - step.size(0))) for step in steps], dim=1)
-
-
 def scheduled_sampling_pass(decoder, encoder_out, captions, lengths, caption_image, probability, generator=None):
     """The teacher-forced pass with scheduled sampling, one position at a time through the decoder's start and
     one_step (every decoder has them): after <start>, each caption's input word is, with `probability`, a word
@@ -99,8 +93,9 @@ def scheduled_sampling_pass(decoder, encoder_out, captions, lengths, caption_ima
     """
     memory, state, captions, decode_lengths, sort_ind = decoder.start_captions(encoder_out, captions, lengths,
                                                                                caption_image)
+    running = running_counts(decode_lengths)
     step_scores, step_alphas = [], []
-    for t, rows in enumerate(running_counts(decode_lengths)):  # the first `rows` captions run at position t
+    for t, rows in enumerate(running):  # the first `rows` captions run at position t
         if t == 0:
             words = captions[:rows, 0]  # (rows,) <start>
         else:
@@ -109,8 +104,8 @@ def scheduled_sampling_pass(decoder, encoder_out, captions, lengths, caption_ima
                                                 select_rows(state, slice(0, rows)))
         step_scores.append(scores)  # (rows, V)
         step_alphas.append(alpha)  # (rows, P) or None
-    alphas = None if step_alphas[0] is None else padded_steps(step_alphas, len(captions))
-    return padded_steps(step_scores, len(captions)), captions, decode_lengths, alphas, sort_ind
+    alphas = None if step_alphas[0] is None else lay_out(torch.cat(step_alphas), running)
+    return lay_out(torch.cat(step_scores), running), captions, decode_lengths, alphas, sort_ind
 
 
 class TeacherForced:

@@ -51,7 +51,6 @@ class RecurrenceGraphs:
     def __init__(self, decoder):
         self.decoder = decoder
         self.graphs = {}  # (steps, shapes, dtypes and requires_grad of the inputs) -> graphed callable
-        self.failed = False
 
     def __call__(self, embeddings, memory, state, steps):
         """(N, L, E) embeddings, memory and state tuples -> step outputs (steps, N, D) and attention (steps, N,
@@ -66,16 +65,14 @@ class RecurrenceGraphs:
         return outputs[0][:steps], outputs[1][:steps] if len(outputs) == 2 else None
 
     def capture(self, key, steps, inputs, memory_count):
-        """Record the graphs of the forward and backward pass for inputs like `inputs`; None (and step by step
-        from then on) if the capture fails."""
-        if self.failed:
-            return None
+        """Record the graphs of the forward and backward pass for inputs like `inputs`. If the capture fails: None,
+        and the decoder leaves graphs for its step-by-step loop from the next batch on."""
         samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
         try:
             graphed = torch.cuda.make_graphed_callables(Recurrence(self.decoder, steps, memory_count), samples,
                                                         allow_unused_input=True)
         except RuntimeError as error:
-            self.failed = True
+            self.decoder.recurrence_graphs = None
             warnings.warn(f"CUDA graphs of the decoder's recurrence could not be captured ({error}); training "
                           f"goes on step by step (set cfg['cuda_graphs'] = False to skip the attempt)")
             return None

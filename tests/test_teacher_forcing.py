@@ -141,3 +141,19 @@ def test_the_graphed_recurrence_casts_each_weight_once_under_autocast_and_comput
     # the step's weights (attention, gate, LSTM cell: 10 tensors) and the pooled memory cast at each of 19 steps,
     # against once
     assert counts[False].by_operation["_to_copy"] <= counts[True].by_operation["_to_copy"] - 19 * 9 + weights + 2
+
+
+def test_a_failed_capture_warns_and_the_decoder_goes_on_step_by_step(monkeypatch):
+    def no_graphs(*args, **kwargs):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", no_graphs)
+    decoder = make_decoder("attention").train()  # the graphed path runs in training only
+    decoder.dropout.eval()  # no dropout: the two passes compare exactly
+    inputs = grouped_batch()
+    reference = decoder(*inputs)[0]
+    decoder.recurrence_graphs = cuda_graphs.RecurrenceGraphs(decoder)
+    with pytest.warns(UserWarning, match="could not be captured"):
+        scores = decoder(*inputs)[0]
+    assert decoder.recurrence_graphs is None  # the next batches run step by step
+    torch.testing.assert_close(scores, reference, rtol=1e-5, atol=1e-5)

@@ -92,25 +92,28 @@ class Settings:
     val_images: int
     test_images: int
     image_size: int
-    encoded_image_size: int  # the encoder's grid side at its native stride: 192 px / 32 = 6 for EfficientNet-Lite0
+    encoded_image_size: int  # the encoder's grid side at its native stride: 384 px / 32 = 12 for EfficientNet-Lite0
     dim: int  # embed_dim = attention_dim = decoder_dim
     epochs: int
     scst_epochs: int  # epochs of the SCST stage after the cross-entropy epochs
     blind_epochs: int  # the blind control's: until its validation loss stops falling (it has only words to learn)
+    blind_grid: int  # the blind control's grid side: its images are all one grey, so a coarse grid hides nothing
     batch_size: int
     coco_metrics: bool  # METEOR, ROUGE-L, CIDEr besides the course's BLEU (METEOR runs Java: seconds per test)
     preprocess_workers: int | None  # None: all cores
     seed: int = 0
 
 
-# Sized for 10 minutes on a 2-core CPU (run times in docs/demo.md). The blind control trains until its validation
-# loss stops falling: it has only the words to learn, and after 4 epochs it still wrote a caption scoring half the
-# best constant one.
-FULL = Settings(train_images=800, val_images=100, test_images=100, image_size=192, encoded_image_size=6,
-                dim=256, epochs=4, scst_epochs=2, blind_epochs=12, batch_size=160, coco_metrics=True,
+# Sized for 10 minutes on a 2-core CPU (run times in docs/demo.md). 384 px images give a 12 x 12 grid whose cells
+# are small beside the shapes: on the 6 x 6 grid of 192 px images the attention maps were too coarse to sit on the
+# objects the words name (docs/demo.md measures both). The blind control trains until its validation loss stops
+# falling (it has only the words to learn; after 4 epochs it still wrote a caption scoring half the best constant one),
+# on a 6 x 6 grid, which trains 3 x faster than the 12 x 12 one and holds as little: every image is the same grey.
+FULL = Settings(train_images=800, val_images=100, test_images=100, image_size=384, encoded_image_size=12,
+                dim=256, epochs=4, scst_epochs=2, blind_epochs=12, blind_grid=6, batch_size=160, coco_metrics=True,
                 preprocess_workers=None)
 QUICK = Settings(train_images=40, val_images=10, test_images=10, image_size=64, encoded_image_size=2,
-                 dim=32, epochs=1, scst_epochs=1, blind_epochs=1, batch_size=40, coco_metrics=False,
+                 dim=32, epochs=1, scst_epochs=1, blind_epochs=1, blind_grid=1, batch_size=40, coco_metrics=False,
                  preprocess_workers=1)
 
 
@@ -180,7 +183,8 @@ def make_blind_data(data, folder):
 def run_cfg(settings, data, run, output_folder, device, checkpoint=None):
     """The training cfg of one run (every other key keeps its default, see config.CFG_SCHEMA)."""
     stage = ({"training": "scst", "checkpoint": checkpoint, "epochs": settings.scst_epochs, "scst_lr": SCST_LR}
-             if run.training == "scst" else {"epochs": settings.blind_epochs} if run.blind else {})
+             if run.training == "scst" else
+             {"epochs": settings.blind_epochs, "encoded_image_size": settings.blind_grid} if run.blind else {})
     return {"data_folder": data.folder, "data_name": data.data_name, "decoder": run.decoder,
             "encoder": ENCODER, "encoder_weights": "DEFAULT", "encoded_image_size": settings.encoded_image_size,
             "fine_tune_encoder": False,  # frozen: every image is encoded once, into the feature cache
@@ -270,9 +274,10 @@ def report_markdown(settings, data, runs, results, predictions, example, seconds
         f"rate {SCST_LR:g}, {5} samples per image, mean baseline) and kept the checkpoint with the best "
         f"validation CIDEr-D of greedy captions. Each was tested with beam search (beam size {BEAM_SIZE}) on the "
         f"test split. `blind` is the control: the attention decoder trained and tested on the same data with every "
-        f"image replaced by one grey image, so it learns the best it can say without looking; it trained for "
-        f"{settings.blind_epochs} epoch(s), until its validation loss stopped falling, so that the models' lead "
-        f"over it is not a lead over an unfinished control. Training is deterministic (cfg `deterministic`): "
+        f"image replaced by one grey image, so it learns the best it can say without looking (on a "
+        f"{settings.blind_grid} x {settings.blind_grid} grid: with every image the same, a finer one holds no more); "
+        f"it trained for {settings.blind_epochs} epoch(s), until its validation loss stopped falling, so that the "
+        f"models' lead over it is not a lead over an unfinished control. Training is deterministic (cfg `deterministic`): "
         f"the same machine and seed give the same table.",
         "",
         markdown_table(run_rows, [("run", "run"), ("what", "model"), ("decoder", "cfg decoder"),

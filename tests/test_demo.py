@@ -69,6 +69,10 @@ def test_the_blind_control_trains_and_tests_on_images_that_are_all_the_same(quic
     blind = next(checkpoints.glob("BEST_checkpoint_*_blind.pth.tar"))
     cfg = load_checkpoint(str(blind))["cfg"]
     assert cfg["data_folder"] == str(quick_demo / demo.BLIND_FOLDER) and cfg["decoder"] == "attention"
+    seeing = load_checkpoint(str(next(checkpoints.glob("BEST_checkpoint_*_attention_*.pth.tar"))))["cfg"]
+    # the blind control's own (coarser) grid; the models that look read the demo's
+    assert (cfg["encoded_image_size"], seeing["encoded_image_size"]) == (demo.QUICK.blind_grid,
+                                                                         demo.QUICK.encoded_image_size)
     for split in ("TRAIN", "TEST"):
         with h5py.File(quick_demo / demo.BLIND_FOLDER / f"{split}_IMAGES_{cfg['data_name']}.hdf5", "r") as h5:
             images = h5["images"][...]

@@ -100,6 +100,15 @@ def step_log_probs(decoder, words, memory, state):
     return F.log_softmax(preds, dim=1), state, attention
 
 
+def live_step_log_probs(decoder, words, state, live):
+    """step_log_probs of a decoder that reads no memory (its step is its state and the word), computed for the
+    `live` rows only: the others (masked slots) keep their state and get log-probabilities of 0, which their
+    score of -inf turns into candidates of -inf. Returns (N, V) log-probabilities and the (N, ...) state."""
+    log_probs, live_state, _ = step_log_probs(decoder, words[live], (), select_rows(state, live))
+    full = log_probs.new_zeros(words.size(0), log_probs.size(1)).index_copy_(0, live, log_probs)  # (N, V)
+    return full, tuple(rows.index_copy(0, live, new) for rows, new in zip(state, live_state))
+
+
 def repeated_trigram_words(words):
     """The words that would repeat a trigram of `words` (a list of ids) if written next."""
     trigrams = set(zip(words, words[1:], words[2:]))
@@ -161,7 +170,9 @@ def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=5
     Every image searching has k rows of the batch, image after image (its k consecutive state rows share its
     memory row): its running beams first, in score order, then masked slots, whose score is -inf so that they
     never give a candidate (at the first step all but the first beam are masked, as the course expands only
-    the first). A beam that completes masks its slot; an image whose search ended leaves the batch.
+    the first). A beam that completes masks its slot; an image whose search ended leaves the batch. For a
+    decoder whose step reads no memory (Show and Tell) the step computes only the running beams' rows: its
+    step is a few matrix products over every row, and the masked slots are a fifth of them.
     """
     check_search_options(beam_size, length_penalty, block_trigrams, n_best)
     k = beam_size
@@ -177,8 +188,13 @@ def beam_search(decoder, encoder_out, start_id, end_id, beam_size=3, max_steps=5
     image_ids = torch.arange(batch, device=device)  # original index of each image still searching
     complete = [[] for _ in range(batch)]  # per image, its complete (words, score, attention) in completion order
     unfinished = [[] for _ in range(batch)]  # per image, its running beams when max_steps ends the search
+    compute_live_rows_only = memory == ()
     for step in range(1, max_steps + 1):
-        log_probs, state, attention = step_log_probs(decoder, prev_words, memory, state)
+        if compute_live_rows_only:
+            live = torch.isfinite(row_scores).flatten().nonzero().flatten()  # (N',) rows of running beams
+            (log_probs, state), attention = live_step_log_probs(decoder, prev_words, state, live), None
+        else:
+            log_probs, state, attention = step_log_probs(decoder, prev_words, memory, state)
         if block_trigrams:
             log_probs = block_repeated_trigrams(log_probs, seqs)
         images, vocab_size = beams_left.size(0), log_probs.size(1)

@@ -98,6 +98,28 @@ def test_batched_equals_one_at_a_time(name, beam_size):
             torch.testing.assert_close(got.alphas.sum(1) + got.betas, torch.ones(len(got.words) - 1))
 
 
+def test_the_search_computes_only_the_running_beams_of_a_decoder_that_reads_no_memory():
+    """Show and Tell's step reads only its state: the batched search feeds it the running beams' rows (one per
+    image at the first step, fewer as beams complete), not every masked slot, and finds the same captions."""
+    decoder, encoder_out = trained_decoder("rnn")
+    rows_fed, one_step = [], decoder.one_step
+
+    def counting_step(embeddings, memory, state):
+        rows_fed.append(embeddings.size(0))
+        return one_step(embeddings, memory, state)
+
+    decoder.one_step = counting_step
+    try:
+        batched = beam_search(decoder, encoder_out, START, END, 3, max_steps=14)
+    finally:
+        del decoder.one_step
+    batch = len(encoder_out)
+    assert rows_fed[0] == batch  # the first step expands only each image's first beam
+    assert batch < rows_fed[1] <= 3 * batch and min(rows_fed) < batch  # then up to k beams, fewer as they complete
+    reference = [beam_search_one(decoder, encoder_out[i:i + 1], START, END, 3, max_steps=14) for i in range(batch)]
+    assert [c.words for c in batched] == [c.words for c in reference]
+
+
 @pytest.mark.parametrize("name", DECODERS)
 def test_beam_size_one_is_greedy(name):
     decoder, encoder_out = trained_decoder(name)

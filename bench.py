@@ -11,7 +11,8 @@ The CPU part uses the course's model configuration (ResNet-101 with random weigh
 14 x 14 grid, batch 32, embed/attention/decoder 512) and prints one line per figure; the ratios are
 `train_speedup_attention`, `train_speedup_rnn`, `beam_speedup` (with `beam_mismatches`), `encoder_speedup`,
 `cache_build_speedup` and `preprocess_speedup`, each with the absolute figures behind it, and the counts
-`step_aten_ops` and `step_host_syncs` of one training step at COCO's sizes. Every timed part runs the toolkit's
+`step_aten_ops` and `step_host_syncs` of one training step at COCO's sizes and `graphed_positions_per_position`
+(what CUDA graphs compute per needed position over a COCO-sized epoch, plain and length-bucketed batches). Every timed part runs the toolkit's
 own code (training.Trainer.train_step, beam_search, create_input_files) after a warm-up, in one process, with
 data loading in that process too (workers=0), so both sides of a ratio pay for it. The sections live in
 benchmarks/, one file each.
@@ -30,7 +31,7 @@ from benchmarks.decoders import training_section
 from benchmarks.encoder import backbone_table, encoder_section
 from benchmarks.gpu import gpu_section
 from benchmarks.preprocess import preprocess_section
-from benchmarks.step_counts import counts_section
+from benchmarks.step_counts import COCO_TRAIN_IMAGES, counts_section, graphed_positions_section
 from utils import atomic_path, run_cli
 
 
@@ -67,6 +68,7 @@ def run_benchmark(settings, data_folder=None):
         figures["encoder"] = encoder_section(data, work, settings, figures["feature_cache"], trained_checkpoint)
         figures["preprocess"] = preprocess_section(work, settings)
         figures["counts"] = counts_section(work, settings)
+        figures["graphed_positions"] = graphed_positions_section(2_000 if settings.dims < 512 else COCO_TRAIN_IMAGES)
     return finish(figures, started)
 
 

@@ -22,6 +22,12 @@ from torch.func import functional_call
 STEP_BUCKET = 16  # graphs are captured for 16, 32, 48, ... steps
 
 
+def graphed_steps(steps, padded_length):
+    """The steps a graph runs for a batch whose longest caption needs `steps`: rounded up to STEP_BUCKET, at most
+    the captions' padded length."""
+    return min(-(-steps // STEP_BUCKET) * STEP_BUCKET, padded_length)
+
+
 class Recurrence(nn.Module):
     """decoder.recur over a fixed number of steps as a module of tensor arguments (what make_graphed_callables
     takes): forward(embeddings, *memory, *state) -> (outputs, attention) or (outputs,)."""
@@ -55,7 +61,7 @@ class RecurrenceGraphs:
     def __call__(self, embeddings, memory, state, steps):
         """(N, L, E) embeddings, memory and state tuples -> step outputs (steps, N, D) and attention (steps, N,
         P) or None, as decoder.recur gives them."""
-        bucket = min(-(-steps // STEP_BUCKET) * STEP_BUCKET, embeddings.size(1))
+        bucket = graphed_steps(steps, embeddings.size(1))
         inputs = (embeddings, *memory, *state)
         key = (bucket, len(memory), tuple((t.shape, t.dtype, t.requires_grad) for t in inputs))
         graphed = self.graphs.get(key) or self.capture(key, bucket, inputs, len(memory))

@@ -3,11 +3,20 @@ launches on a GPU, in eager mode) and its host synchronisations. The counts are 
 bench.py prints them on the CPU too."""
 import os
 
-from benchmarks.coco_sized import COCO_VOCABULARY, make_coco_sized_data
-from benchmarks.common import BATCH_SIZE, make_trainer, report
+import numpy as np
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from benchmarks.coco_sized import COCO_MAX_WORDS, COCO_VOCABULARY, caption_lengths, make_coco_sized_data
+from benchmarks.common import BATCH_SIZE, CAPTIONS_PER_IMAGE, SEED, make_trainer, report
 from benchmarks.op_counts import OpCounter, trainer_tensors
+from cuda_graphs import graphed_steps
+from loaders import LengthBucketedBatches
 
 COUNT_TRAIN_IMAGES = 192  # the fewest images whose captions use every word of COCO's vocabulary
+COCO_TRAIN_IMAGES = 113_287
+GPU_BATCH_IMAGES = 64  # the GPU recipe's batch of 320 captions
+LENGTH_BUCKET_POOL = 100
 
 
 def counts_section(work, settings):
@@ -37,3 +46,31 @@ def counts_section(work, settings):
             "synchronisations": counts.synchronisations,
             "where_synchronised": counts.where_synchronised, "captions": captions, "vocabulary": vocabulary,
             "batch_size": BATCH_SIZE, "by_operation": dict(counts.by_operation.most_common())}
+
+
+def graphed_positions(decode_lengths, batches):
+    """Positions the graphed recurrence computes (every caption of a batch for the batch's longest, rounded up to a
+    graph's steps) per position a caption needs (its words and <end>): decode_lengths (images, cpi), batches of
+    image indices."""
+    padded = COCO_MAX_WORDS + 1  # a caption's positions after <start>, padded: the most a graph runs
+    computed = sum(decode_lengths[batch].size * graphed_steps(int(decode_lengths[batch].max()), padded)
+                   for batch in batches)
+    return computed / decode_lengths.sum()
+
+
+def graphed_positions_section(images=COCO_TRAIN_IMAGES):
+    """Graphed positions per needed position over one COCO-sized epoch (caption lengths as the bench's COCO-sized
+    data draws them) at the GPU recipe's batch: plain batches against length-bucketed ones. Returns the figures."""
+    decode_lengths = caption_lengths(images * CAPTIONS_PER_IMAGE, np.random.default_rng(SEED)).reshape(
+        images, CAPTIONS_PER_IMAGE) + 1  # (images, cpi): the words and <end>
+    order = torch.randperm(images, generator=torch.Generator().manual_seed(SEED)).tolist()
+    plain = [order[start:start + GPU_BATCH_IMAGES] for start in range(0, images, GPU_BATCH_IMAGES)]
+    bucketed = list(LengthBucketedBatches(DistributedSampler(range(images), num_replicas=1, rank=0, seed=SEED),
+                                          decode_lengths.max(axis=1).tolist(), GPU_BATCH_IMAGES, LENGTH_BUCKET_POOL,
+                                          SEED))
+    figures = {"plain": graphed_positions(decode_lengths, plain), "bucketed": graphed_positions(decode_lengths, bucketed),
+               "images": images, "batch_captions": GPU_BATCH_IMAGES * CAPTIONS_PER_IMAGE, "pool": LENGTH_BUCKET_POOL}
+    report("graphed_positions_per_position", f"{figures['plain']:.2f} with plain batches, {figures['bucketed']:.2f} "
+                                             f"with length_bucket_pool {LENGTH_BUCKET_POOL} (one COCO-sized epoch of "
+                                             f"{images:,} images, batches of {figures['batch_captions']} captions)")
+    return figures

@@ -77,6 +77,13 @@ def test_json_holds_the_absolute_figures_behind_each_ratio(quick_run):
     assert 0 < encoder["test_images_per_s"] and 0 < encoder["gflops_per_s"] < 10 * encoder["conv_gflops_per_s"]
 
 
+def test_length_bucketed_batches_cut_the_positions_the_graphs_compute(quick_run):
+    stdout, figures = quick_run
+    positions = figures["graphed_positions"]
+    assert 1 < positions["bucketed"] < positions["plain"] / 2  # COCO-like lengths: most batches fit 16 steps
+    assert line_values(stdout)["graphed_positions_per_position"].startswith(f"{positions['plain']:.2f} with plain")
+
+
 def test_the_step_counts_are_printed_and_a_training_step_never_synchronises(quick_run):
     stdout, figures = quick_run
     counts = figures["counts"]

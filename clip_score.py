@@ -25,16 +25,18 @@ from images import CLIP_MEAN, CLIP_STD, from_imagenet, normalize_images
 from utils import ToolkitError
 
 DEFAULT_CLIP_MODEL = "ViT-B-32:openai"
+METRIC_KEY = "clip_metric_model"  # the option that names the model, in the errors (the reward's: clip_reward_model)
 SCALE = 2.5  # the paper's w
 PREFIX = "A photo depicts "
 TEXT_BATCH = 256  # texts encoded a call
 
 
-def parse_model(spec):
-    """'ViT-B-32:openai' -> ('ViT-B-32', 'openai'); the part after the first ':' may be a file's path."""
+def parse_model(spec, key=METRIC_KEY):
+    """'ViT-B-32:openai' -> ('ViT-B-32', 'openai'); the part after the first ':' may be a file's path. `key`: the
+    option whose value spec is, named in the error."""
     name, _, weights = spec.partition(":")
     if not name or not weights:
-        raise ToolkitError(f"clip_metric_model {spec!r} names no model or no weights: write <open_clip model>:"
+        raise ToolkitError(f"{key} {spec!r} names no model or no weights: write <open_clip model>:"
                            f"<pretrained tag or state_dict file>, e.g. {DEFAULT_CLIP_MODEL}")
     return name, weights
 
@@ -76,10 +78,14 @@ class ClipScorer:
                   for start in range(0, len(texts), TEXT_BATCH)]  # each (n, context length)
         return F.normalize(torch.cat([self.model.encode_text(tokens).float() for tokens in chunks]), dim=-1)
 
+    def batch_embeddings(self, image_batches):
+        """(N, D) embeddings of the images of uint8 `image_batches` (each (B, 3, H, W)), in order."""
+        return torch.cat([self.image_embeddings(batch) for batch in image_batches])
+
     def scores(self, image_batches, captions, references):
         """{"clip_s", "refclip_s"}, means over the images of uint8 `image_batches` (in order), captions[i] the
         caption of image i and references[i] its reference captions."""
-        image_embeddings = torch.cat([self.image_embeddings(batch) for batch in image_batches])  # (N, D)
+        image_embeddings = self.batch_embeddings(image_batches)  # (N, D)
         caption_embeddings = self.text_embeddings(captions)  # (N, D)
         reference_embeddings = self.text_embeddings([text for texts in references for text in texts])  # (R, D)
         reference_image = torch.tensor([image for image, texts in enumerate(references) for _ in texts],
@@ -89,25 +95,34 @@ class ClipScorer:
         return {"clip_s": per_image.mean().item(), "refclip_s": with_references.mean().item()}
 
 
-def load_scorer(spec, device):
-    """The ClipScorer of spec's model with its weights from a file or Hugging Face's cache; a ToolkitError
-    saying why not (open_clip missing, an unknown model or tag, weights not at hand)."""
+def weights_path(spec, key=METRIC_KEY):
+    """(model name, weights, local file of the weights) of spec, from a file or Hugging Face's cache, without
+    building anything; a ToolkitError naming `key` and spec, saying why not (open_clip missing, an unknown model
+    or tag, weights not at hand) and how to get them."""
     open_clip = import_open_clip()
-    name, weights = parse_model(spec)
+    name, weights = parse_model(spec, key)
     if name not in open_clip.list_models():
-        raise ToolkitError(f"clip_metric_model {spec!r}: open_clip has no model {name!r} (open_clip.list_models())")
+        raise ToolkitError(f"{key} {spec!r}: open_clip has no model {name!r} (open_clip.list_models())")
     if os.path.isfile(weights):
         path = weights
     elif weights in open_clip.list_pretrained_tags_by_model(name):
         path = cached_weights_file(name, weights)
     else:
-        raise ToolkitError(f"clip_metric_model {spec!r}: {weights!r} is neither a file nor a pretrained tag of "
+        raise ToolkitError(f"{key} {spec!r}: {weights!r} is neither a file nor a pretrained tag of "
                            f"{name} ({', '.join(open_clip.list_pretrained_tags_by_model(name))})")
     if path is None:
-        raise ToolkitError(f"the {name} weights {weights!r} are not in Hugging Face's cache (~/.cache/huggingface) "
-                           f"and are not downloaded at test time: fetch them once with internet (python -c \"import "
-                           f"open_clip; open_clip.create_model('{name}', pretrained='{weights}')\") or give "
-                           f"{name}:<path of a state_dict file>")
+        raise ToolkitError(f"{key} {spec!r}: the {name} weights {weights!r} are not in Hugging Face's cache "
+                           f"(~/.cache/huggingface) and are never downloaded here: fetch them once with internet "
+                           f"(python -c \"import open_clip; open_clip.create_model('{name}', "
+                           f"pretrained='{weights}')\") or give {name}:<path of a state_dict file>")
+    return name, weights, path
+
+
+def load_scorer(spec, device, key=METRIC_KEY):
+    """The ClipScorer of spec's model with its weights from a file or Hugging Face's cache (weights_path: its
+    ToolkitError names `key` when they are not at hand)."""
+    name, weights, path = weights_path(spec, key)
+    open_clip = import_open_clip()
     model = open_clip.create_model(name, pretrained=path, force_quick_gelu=quick_gelu(name, weights), device=device)
     return ClipScorer(model, open_clip.get_tokenizer(name))
 

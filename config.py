@@ -12,6 +12,7 @@ import os
 import torch
 
 from backbones import BACKBONES
+from clip_score import DEFAULT_CLIP_MODEL, weights_path
 from models import DECODERS
 from utils import ToolkitError
 
@@ -80,12 +81,19 @@ CFG_SCHEMA = {
     "cuda_graphs": (None, (bool, NONE), "replay the decoder's teacher-forced recurrence as CUDA graphs; None: on for one CUDA GPU (cuda_graphs.py)"),
     "lr_warmup_steps": (None, (int, NONE), "linear learning-rate warm-up over this many steps; None: 20000 for "
                                            "decoders that need one (transformer), 0 for the others"),
-    # The second stage: self-critical sequence training (Rennie et al. 2017) with a CIDEr-D reward
-    "training": ("xe", (str,), "xe (cross-entropy, teacher forcing) or scst (self-critical, CIDEr-D reward)"),
+    # The second stage: self-critical sequence training (Rennie et al. 2017) with a CIDEr-D (+ CLIP-S) reward
+    "training": ("xe", (str,), "xe (cross-entropy, teacher forcing) or scst (self-critical, CIDEr-D reward; "
+                               "see scst_reward)"),
     "scst_samples": (5, (int,), "captions sampled per image in an SCST step"),
     "scst_baseline": ("mean", (str,), "SCST baseline: mean (of the image's other samples) or greedy"),
     "scst_lr": (2e-5, (float, int), "decoder learning rate of the SCST stage (self-critical.pytorch's 2e-5: "
                                     "small policy-gradient steps keep the XE model from falling apart)"),
+    "scst_reward": ("cider", (str,), "SCST reward: cider (CIDEr-D) or cider+clips (CIDEr-D + clip_reward_weight x "
+                                     "CLIP-S of the caption and its image, Cho et al. 2022)"),
+    "clip_reward_weight": (1.0, (float, int), "weight of CLIP-S in the cider+clips reward, 0 or more"),
+    "clip_reward_model": (DEFAULT_CLIP_MODEL, (str,), "CLIP model of the cider+clips reward, <open_clip model>:"
+                                                      "<pretrained tag or state_dict file>; its weights must be at "
+                                                      "hand (a file or Hugging Face's cache)"),
     "val_metric": (None, (str, NONE), "bleu4 (teacher-forced, the course's) or cider (greedy decoding); "
                                       "None: bleu4 for xe, cider for scst"),
     "max_steps": (50, (int,), "longest caption that SCST sampling and greedy validation decode"),
@@ -95,7 +103,7 @@ REQUIRED_KEYS = ("data_folder", "data_name")
 MODEL_KEYS = ("decoder", "encoder", "encoded_image_size", "embed_dim", "attention_dim", "decoder_dim",
               "transformer_layers", "transformer_encoder_layers", "transformer_heads", "transformer_ff_dim")
 # Keys whose value is one of a few words.
-CHOICES = {"training": ("xe", "scst"), "scst_baseline": ("mean", "greedy"),
+CHOICES = {"training": ("xe", "scst"), "scst_baseline": ("mean", "greedy"), "scst_reward": ("cider", "cider+clips"),
            "val_metric": ("bleu4", "cider")}
 POSITIVE_INTS = ("epochs", "batch_size", "encoded_image_size", "embed_dim", "attention_dim", "decoder_dim",
                  "lr_decay_patience", "early_stop_patience", "scst_samples", "max_steps", "transformer_layers",
@@ -190,6 +198,10 @@ def check_values(cfg):
         refuse("alpha_c", "must be 0 or more")
     if not (math.isfinite(cfg["best_bleu4"]) and cfg["best_bleu4"] >= 0):
         refuse("best_bleu4", "must be 0 or more")
+    if not (math.isfinite(cfg["clip_reward_weight"]) and cfg["clip_reward_weight"] >= 0):
+        refuse("clip_reward_weight", "must be a finite weight, 0 or more (reward = CIDEr-D + weight x CLIP-S)")
+    if cfg["training"] == "scst" and cfg["scst_reward"] == "cider+clips":
+        weights_path(cfg["clip_reward_model"], "clip_reward_model")  # the CLIP weights at hand, or why not
     if not 0 < cfg["lr_decay_factor"] <= 1:
         refuse("lr_decay_factor", "must be in (0, 1]")
     for key in ("dropout", "transformer_dropout", "label_smoothing"):

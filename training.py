@@ -110,7 +110,7 @@ class Trainer:
         self.decoder = ranks.wrap(self.decoder)
         if cfg["fine_tune_encoder"]:
             self.encoder = ranks.wrap(self.encoder)
-        self.stage = make_stage(cfg, self.decoder, self.decoder_module, self.word_map)
+        self.stage = make_stage(cfg, self.decoder, self.decoder_module, self.word_map, ranks.tqdm_disabled())
         self.val_cider = None  # CIDEr-D over the VAL references, made when first needed
         self.log = RunLog(cfg["output_folder"], self.paths.name, only_writer=ranks.is_main)
 

@@ -10,8 +10,9 @@ validation, checkpoints, logs: training.py). `make_stage(cfg, ...)` builds the s
   input word is, with probability p, the model's own sample instead of the reference's (scheduled_sampling_pass).
 - SelfCriticalStage ("scst"): self-critical sequence training (Rennie et al., CVPR 2017): sample captions,
   reward each with its CIDEr-D against the image's references (document frequencies of the TRAIN split),
-  and follow the policy gradient against a baseline (the mean of the image's other samples, Luo's "new
-  self-critical", or the reward of the greedy caption, the original).
+  plus, with cfg['scst_reward'] "cider+clips", cfg['clip_reward_weight'] x its CLIP-S with the image
+  (clip_reward.py), and follow the policy gradient against a baseline (the mean of the image's other samples,
+  Luo's "new self-critical", or the reward of the greedy caption, the original).
 """
 import dataclasses
 
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from cider import CiderD
+from clip_reward import CiderClipReward, ClipReward
+from clip_score import load_scorer
 from datasets import load_references
 from models import lay_out, running_counts, select_rows
 from sampling import draw_words, greedy_baseline, greedy_captions, mean_baseline, sample_captions, scst_loss
@@ -171,7 +174,8 @@ def encoded_references(data_folder, data_name, split, word_map):
 
 
 class SelfCriticalStage:
-    """The SCST step: sampled captions, their CIDEr-D rewards, and the policy gradient against a baseline."""
+    """The SCST step: sampled captions, their rewards (CIDEr-D, or CIDEr-D + w x CLIP-S), and the policy gradient
+    against a baseline."""
 
     name = "scst"
     needs_image_index = True  # the loader gives each image's TRAIN index: its references in the reward
@@ -179,7 +183,7 @@ class SelfCriticalStage:
     checks_divergence = False  # the policy-gradient loss has no scale to compare with
 
     def __init__(self, decoder, reward, start, end, samples_per_image, baseline, max_steps):
-        self.decoder, self.reward = decoder, reward  # the decoder itself (start/one_step), a CiderD
+        self.decoder, self.reward = decoder, reward  # the decoder itself (start/one_step), make_reward's
         self.start, self.end = start, end
         self.samples_per_image, self.baseline, self.max_steps = samples_per_image, baseline, max_steps
 
@@ -214,9 +218,22 @@ class SelfCriticalStage:
 STAGES = {"xe": CrossEntropyStage, "scst": SelfCriticalStage}
 
 
-def make_stage(cfg, decoder, decoder_module, word_map):
+def make_reward(cfg, word_map, device, quiet=False):
+    """SCST's reward of cfg['scst_reward']: CIDEr-D with the TRAIN references, plus, for "cider+clips",
+    cfg['clip_reward_weight'] x CLIP-S by cfg['clip_reward_model'] (loaded on `device`, the TRAIN images embedded
+    once; `quiet`: without a progress bar)."""
+    cider = CiderD(encoded_references(cfg["data_folder"], cfg["data_name"], "TRAIN", word_map),
+                   vocab_size=len(word_map))
+    if cfg["scst_reward"] == "cider":
+        return cider
+    scorer = load_scorer(cfg["clip_reward_model"], device, key="clip_reward_model")
+    clip = ClipReward.from_split(scorer, cfg["data_folder"], cfg["data_name"], word_map, quiet=quiet)
+    return CiderClipReward(cider, clip, cfg["clip_reward_weight"])
+
+
+def make_stage(cfg, decoder, decoder_module, word_map, quiet=False):
     """The stage cfg['training'] names. `decoder`: what the teacher-forced pass calls (DDP's wrapper in a
-    multi-process run); `decoder_module`: the decoder itself."""
+    multi-process run); `decoder_module`: the decoder itself; `quiet`: no progress bar (ranks other than 0)."""
     if cfg["training"] == "xe":
         if cfg["label_smoothing"]:
             print(f"note: label_smoothing = {cfg['label_smoothing']}: the training loss shown and logged (loss, "
@@ -224,6 +241,6 @@ def make_stage(cfg, decoder, decoder_module, word_map):
                   f"plain one")
         return CrossEntropyStage(decoder, decoder_module, cfg["alpha_c"], decoder_module.attention_regularization,
                                  cfg["label_smoothing"])
-    corpus = encoded_references(cfg["data_folder"], cfg["data_name"], "TRAIN", word_map)
-    return SelfCriticalStage(decoder_module, CiderD(corpus, vocab_size=len(word_map)), word_map["<start>"],
-                             word_map["<end>"], cfg["scst_samples"], cfg["scst_baseline"], cfg["max_steps"])
+    reward = make_reward(cfg, word_map, next(decoder_module.parameters()).device, quiet)
+    return SelfCriticalStage(decoder_module, reward, word_map["<start>"], word_map["<end>"], cfg["scst_samples"],
+                             cfg["scst_baseline"], cfg["max_steps"])

@@ -1,13 +1,18 @@
-"""Shared fixtures: the toolkit's modules on the path, and a tiny preprocessed shapes data set."""
+"""Shared fixtures: the toolkit's modules on the path, a tiny preprocessed shapes data set, and a tiny CLIP model
+with the CLIP-S recipe by hand."""
+import json
 import os
 import sys
 from dataclasses import dataclass
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from create_input_files import create_input_files  # noqa: E402  (needs the path above)
+from images import CLIP_MEAN, CLIP_STD  # noqa: E402
 from shapes import make_shapes_dataset  # noqa: E402
 
 
@@ -38,3 +43,32 @@ def tiny_cfg(data, output_folder, **overrides):
            "batch_size": 40, "workers": 0, "output_folder": str(output_folder), "print_freq": 0, "device": "cpu",
            "cache_folder": str(output_folder)}
     return dict(cfg, **overrides)
+
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A one-block open_clip model registered as "tiny-test-clip" (32 x 32 images, open_clip's own tokenizer),
+    random weights."""
+    import open_clip
+
+    path = tmp_path_factory.mktemp("clip") / "tiny-test-clip.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    return open_clip.create_model("tiny-test-clip").eval(), open_clip.get_tokenizer("tiny-test-clip")
+
+
+def hand_embeddings(model, tokenizer, images, texts):
+    """The paper's recipe by hand: pixels in [0, 1] resized to the tiny CLIP's side, CLIP's mean and std; texts
+    prefixed with "A photo depicts"; unit-length embeddings."""
+    pixels = F.interpolate(images.float() / 255, size=(32, 32), mode="bicubic", antialias=True)
+    pixels = (pixels - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(pixels), dim=-1)
+        text = F.normalize(model.encode_text(tokenizer(["A photo depicts " + t for t in texts])), dim=-1)
+    return image, text

@@ -1,6 +1,5 @@
 """CLIP-S and RefCLIP-S: the formulas by hand, on a tiny open_clip model built without weights, and the skip without
 weights or open_clip."""
-import json
 import sys
 
 import open_clip
@@ -10,22 +9,8 @@ import torch.nn.functional as F
 
 import clip_score
 from clip_score import ClipScorer, clip_s, clip_scores, refclip_s
-from images import CLIP_MEAN, CLIP_STD
+from conftest import hand_embeddings
 from utils import ToolkitError
-
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A one-block open_clip model (32 x 32 images, open_clip's own tokenizer), random weights."""
-    path = tmp_path_factory.mktemp("clip") / "tiny-test-clip.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(path)
-    torch.manual_seed(0)
-    return open_clip.create_model("tiny-test-clip").eval(), open_clip.get_tokenizer("tiny-test-clip")
 
 
 def test_clip_s_is_2_5_times_the_positive_cosine():
@@ -41,17 +26,6 @@ def test_refclip_s_is_the_harmonic_mean_with_the_best_reference():
     scores = torch.tensor([2.0, 1.0, 0.0])
     expected = torch.tensor([2 * 2.0 * 1.0 / (2.0 + 1.0), 0.0, 0.0])  # best reference 1.0; negative -> 0
     torch.testing.assert_close(refclip_s(scores, captions, references, reference_image), expected)
-
-
-def hand_embeddings(model, tokenizer, images, texts):
-    """The paper's recipe by hand: pixels in [0, 1] resized to the model's side, CLIP's mean and std; texts
-    prefixed with "A photo depicts"; cosines from unit-length embeddings."""
-    pixels = F.interpolate(images.float() / 255, size=(32, 32), mode="bicubic", antialias=True)
-    pixels = (pixels - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
-    with torch.no_grad():
-        image = F.normalize(model.encode_image(pixels), dim=-1)
-        text = F.normalize(model.encode_text(tokenizer(["A photo depicts " + t for t in texts])), dim=-1)
-    return image, text
 
 
 def test_scores_match_the_cosine_formulas_by_hand(tiny_clip):
@@ -77,7 +51,7 @@ def test_without_cached_weights_the_scores_are_skipped_with_a_note(monkeypatch):
     result = clip_scores("ViT-B-32:openai", iter(()), ["a cat"], [["a cat"]], "cpu")
     assert result["scores"] == {}
     note = result["unavailable"]["clip_scores"]
-    assert "ViT-B-32" in note and "'openai'" in note and "cache" in note and "\n" not in note
+    assert "clip_metric_model 'ViT-B-32:openai'" in note and "cache" in note and "\n" not in note
 
 
 def test_without_open_clip_the_note_says_how_to_install_it(monkeypatch):

@@ -1,21 +1,27 @@
 """The CUDA paths against the CPU's, on a machine with a GPU (skipped elsewhere): the teacher-forced pass, a
 training step that never waits for the device (CUDA's own sync debug mode raises if it does), bf16 inference
-features against float32, and the batched beam search against the one-image search.
+features against float32, the batched beam search against the one-image search, and the CLIP-S reward under
+autocast against the CPU's.
 
     pytest tests/test_on_cuda.py      # on a GPU machine
 """
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 import config
 import training
 from beam_search import beam_search, beam_search_one
+from clip_reward import ClipReward
+from clip_score import ClipScorer
 from conftest import tiny_cfg
+from datasets import load_word_map
 from encoding import EncodingPlan, encode_images, inference_plan
 from models import Encoder
 from test_beam_search import END, START, trained_decoder
+from test_clip_reward import IMAGE_INDICES, candidates_and_texts
 from test_teacher_forcing import grouped_batch, make_decoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -102,3 +108,14 @@ def test_cuda_graphs_train_as_the_step_by_step_loop(tiny_shapes, tmp_path, decod
     assert results[True][0] == pytest.approx(results[False][0], rel=2e-2)
     for graphed, plain in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(graphed, plain, rtol=2e-2, atol=2e-3)
+
+
+def test_the_clip_reward_on_cuda_under_autocast_equals_the_cpu(tiny_shapes, tiny_clip):
+    model, tokenizer = tiny_clip
+    word_map = load_word_map(tiny_shapes.folder, tiny_shapes.data_name)
+    candidates, _ = candidates_and_texts(word_map)
+    rewards = [ClipReward.from_split(ClipScorer(clip, tokenizer), tiny_shapes.folder, tiny_shapes.data_name, word_map)
+               for clip in (model, copy.deepcopy(model).cuda())]
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as in a training step: the reward stays float32
+        on_cuda = rewards[1].scores(candidates, torch.tensor(IMAGE_INDICES))  # indices on the CPU, as loaded
+    np.testing.assert_allclose(on_cuda, rewards[0].scores(candidates, IMAGE_INDICES), rtol=0, atol=2e-3)

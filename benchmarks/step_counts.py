@@ -52,7 +52,7 @@ def graphed_positions(decode_lengths, batches):
     """Positions the graphed recurrence computes (every caption of a batch for the batch's longest, rounded up to a
     graph's steps) per position a caption needs (its words and <end>): decode_lengths (images, cpi), batches of
     image indices."""
-    padded = COCO_MAX_WORDS + 1  # a caption's positions after <start>, padded: the most a graph runs
+    padded = COCO_MAX_WORDS + 2  # a caption's padded length (<start>, words, <end>): what a graph runs at most
     computed = sum(decode_lengths[batch].size * graphed_steps(int(decode_lengths[batch].max()), padded)
                    for batch in batches)
     return computed / decode_lengths.sum()

@@ -195,9 +195,7 @@ class CaptionDecoder(nn.Module):
         real position, what no later step needs: dropout and the output layer, and the attention laid out."""
         running = running_counts(decode_lengths)  # [captions still running at step t]
         if self.recurrence_graphs is not None and self.training and torch.is_grad_enabled():
-            outputs, alphas = self.recurrence_graphs(embeddings, memory, state, len(running))  # (T, N, ...)
-            outputs, alphas = (None if x is None else pack_padded_sequence(x, decode_lengths).data
-                               for x in (outputs, alphas))  # (sum of lengths, ...)
+            outputs, alphas = self.recurrence_graphs(embeddings, memory, state, decode_lengths)
         else:
             outputs, alphas = self.recur_running(embeddings, memory, state, running)
         predictions = lay_out(self.scores(outputs), running)  # (N, T, V)
@@ -217,13 +215,13 @@ class CaptionDecoder(nn.Module):
     def recur(self, embeddings, memory, state, steps):
         """The recurrence over every row for `steps` steps, also past a caption's end (those outputs are never
         read, and a step never affects an earlier one): what a CUDA graph of fixed shapes replays.
-        (N, L, E) embeddings -> step outputs (steps, N, D), attention (steps, N, P) or None."""
+        (N, L, E) embeddings -> step outputs (steps, N, D), attention (steps, N, P) or None, the state after."""
         outputs, alphas = [], []
         for t in range(steps):
             output, state, alpha = self.step(embeddings[:, t], memory, state)
             outputs.append(output)
             alphas.append(alpha)
-        return torch.stack(outputs), None if alphas[0] is None else torch.stack(alphas)
+        return torch.stack(outputs), None if alphas[0] is None else torch.stack(alphas), state
 
 
 def lay_out(packed, running):

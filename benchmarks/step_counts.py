@@ -10,7 +10,7 @@ from torch.utils.data.distributed import DistributedSampler
 from benchmarks.coco_sized import COCO_MAX_WORDS, COCO_VOCABULARY, caption_lengths, make_coco_sized_data
 from benchmarks.common import BATCH_SIZE, CAPTIONS_PER_IMAGE, SEED, make_trainer, report
 from benchmarks.op_counts import OpCounter, trainer_tensors
-from cuda_graphs import graphed_steps
+from cuda_graphs import segments
 from loaders import LengthBucketedBatches
 
 COUNT_TRAIN_IMAGES = 192  # the fewest images whose captions use every word of COCO's vocabulary
@@ -49,12 +49,13 @@ def counts_section(work, settings):
 
 
 def graphed_positions(decode_lengths, batches):
-    """Positions the graphed recurrence computes (every caption of a batch for the batch's longest, rounded up to a
-    graph's steps) per position a caption needs (its words and <end>): decode_lengths (images, cpi), batches of
-    image indices."""
+    """Positions the graphed recurrence computes (each segment's rows for its steps) per position a caption needs
+    (its words and <end>): decode_lengths (images, cpi), batches of image indices."""
     padded = COCO_MAX_WORDS + 2  # a caption's padded length (<start>, words, <end>): what a graph runs at most
-    computed = sum(decode_lengths[batch].size * graphed_steps(int(decode_lengths[batch].max()), padded)
-                   for batch in batches)
+    computed = 0
+    for batch in batches:
+        lengths = sorted(decode_lengths[batch].ravel().tolist(), reverse=True)
+        computed += sum(steps * rows for _, steps, rows, _ in segments(lengths, padded))
     return computed / decode_lengths.sum()
 
 

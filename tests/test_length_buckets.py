@@ -83,8 +83,10 @@ def test_the_training_loader_batches_by_length_and_a_run_trains_with_it(tiny_sha
     assert len(history["epoch"]) == 2 and all(torch.isfinite(torch.tensor(history["val_loss"])))
 
 
-def test_graphed_positions_count_every_caption_for_its_batch_longest_in_graph_steps():
-    decode_lengths = np.array([[3, 5], [17, 2]])  # (images, captions): 27 positions needed
-    # apart: 2 captions x 16 steps + 2 x 32 (17 steps round up to 32); together: 4 captions x 32
-    assert graphed_positions(decode_lengths, [[0], [1]]) == pytest.approx(96 / 27)
-    assert graphed_positions(decode_lengths, [[0, 1]]) == pytest.approx(128 / 27)
+def test_graphed_positions_count_each_segments_rows_for_its_steps():
+    decode_lengths = np.full((4, 5), 3)
+    decode_lengths[0, 0] = 17  # 4 images x 5 captions: 17 + 19 x 3 = 74 positions needed
+    # together: the 20 captions for the first 16 steps, then 16 rows (a segment's fewest) for the next 16
+    assert graphed_positions(decode_lengths, [[0, 1, 2, 3]]) == pytest.approx((20 * 16 + 16 * 16) / 74)
+    # apart: the long caption's 5 rows for two segments, the 15 short captions for one
+    assert graphed_positions(decode_lengths, [[0], [1, 2, 3]]) == pytest.approx((5 * 16 * 2 + 15 * 16) / 74)

@@ -91,23 +91,44 @@ def test_gradients_of_the_teacher_forced_pass_equal_the_step_by_step_ones(name):
 
 class PlainRecurrences(cuda_graphs.RecurrenceGraphs):
     """RecurrenceGraphs whose 'capture' keeps the plain Recurrence module: the graphed path's every-row
-    recurrence, step buckets and packing, run on the CPU."""
+    recurrence, segments and packing, run on the CPU. Like a CUDA graph, each runs at most once per pass."""
 
     def capture(self, key, steps, inputs, memory_count):
-        self.graphs[key] = cuda_graphs.Recurrence(self.decoder, steps, memory_count)
+        recurrence = cuda_graphs.Recurrence(self.decoder, steps, memory_count)
+        self.graphs[key] = lambda *tensors: self.run_once(key, recurrence, tensors)
         return self.graphs[key]
+
+    def run_once(self, key, recurrence, tensors):
+        assert key not in self.ran, f"graph {key[:2]} replayed twice in one pass"
+        self.ran.add(key)
+        return recurrence(*tensors)
+
+    def __call__(self, *args):
+        self.ran = set()
+        return super().__call__(*args)
+
+
+def test_segments_run_the_long_captions_rows_only_and_end_at_the_padded_length():
+    lengths = [50, 40, 20] + [10] * 97  # 100 captions, sorted
+    assert cuda_graphs.segments(lengths, 52) == [(0, 16, 100, 100), (16, 16, 16, 3), (32, 16, 16, 2), (48, 4, 16, 1)]
+    assert [cuda_graphs.segment_rows(running, 100) for running in (1, 16, 17, 33, 64, 65, 100)] == \
+        [16, 16, 32, 64, 64, 100, 100]
 
 
 @pytest.mark.parametrize("name", ["rnn_cell_loop", "attention", "adaptive"])
-def test_the_every_row_recurrence_of_cuda_graphs_equals_the_step_by_step_pass(name):
+def test_the_segmented_recurrence_of_cuda_graphs_equals_the_step_by_step_pass(name):
     decoder = make_decoder(name).train()
-    inputs = grouped_batch(images=4, length=20)  # decode lengths up to 19: two buckets of 16 steps
+    inputs = grouped_batch(images=8, length=20)  # 40 captions, decode lengths up to 19: two segments of 16 steps
     torch.manual_seed(2)
     scores, _, lengths, alphas, _ = decoder(*inputs)
     decoder.recurrence_graphs = graphs = PlainRecurrences(decoder)
     torch.manual_seed(2)
     graphed_scores, _, graphed_lengths, graphed_alphas, _ = decoder(*inputs)
-    assert graphed_lengths == lengths and [key[0] for key in graphs.graphs] == [20]  # min(32 steps, L = 20)
+    long_captions = sum(length > 16 for length in lengths)
+    assert graphed_lengths == lengths and 0 < long_captions <= 16
+    # (segment, steps, rows): every caption for 16 steps, then the 16 rows that hold the long ones for the last 4
+    # (L = 20)
+    assert [(key[0], key[1], key[3][0][0][0]) for key in graphs.graphs] == [(0, 16, 40), (1, 4, 16)]
     torch.testing.assert_close(graphed_scores, scores, rtol=1e-5, atol=1e-5)
     if alphas is not None:
         torch.testing.assert_close(graphed_alphas, alphas, rtol=1e-5, atol=1e-5)

@@ -71,8 +71,6 @@ CFG_SCHEMA = {
     "overwrite": (False, (bool,), "let a fresh run replace the checkpoints of an earlier run of the same name"),
     "seed": (0, (int,), "seed of weights, shuffling and dropout"),
     "group_captions": (True, (bool,), "batches of images with all their captions (False: the course's per caption)"),
-    "length_bucket_pool": (0, (int,), "batches of similar caption lengths: the epoch's order cut into pools of this "
-                                      "many batches, each sorted by length; 0: off (loaders.LengthBucketedBatches)"),
     "feature_cache": (True, (bool,), "with a frozen encoder, encode every image once into a float16 cache"),
     "cache_folder": (None, (str, NONE), "where feature caches go; None: data_folder"),
     "deterministic": (False, (bool,), "deterministic kernels (bitwise-repeatable runs and resumes; slower)"),
@@ -109,7 +107,7 @@ POSITIVE_INTS = ("epochs", "batch_size", "encoded_image_size", "embed_dim", "att
                  "lr_decay_patience", "early_stop_patience", "scst_samples", "max_steps", "transformer_layers",
                  "transformer_heads", "transformer_ff_dim", "scheduled_sampling_increase_every")
 NON_NEGATIVE_INTS = ("start_epoch", "epochs_since_improvement", "print_freq", "workers", "lr_warmup_steps",
-                     "transformer_encoder_layers", "length_bucket_pool")
+                     "transformer_encoder_layers")
 POSITIVE_RATES = ("encoder_lr", "decoder_lr", "scst_lr")
 
 

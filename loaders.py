@@ -27,42 +27,6 @@ class WithImageIndex(torch.utils.data.Dataset):
         return (*self.dataset[index], index)
 
 
-class LengthBucketedBatches(torch.utils.data.Sampler):
-    """Batches of items of similar caption length (cfg length_bucket_pool): the epoch's order from `items` (a
-    DistributedSampler) is cut into pools of `pool` batches; each pool is sorted by length and cut into batches,
-    which come in an order drawn from `seed` and the epoch. Every item of the epoch comes once, as in plain
-    batches, and as there a last batch of one item is dropped (BatchNorm cannot train on it)."""
-
-    def __init__(self, items, lengths, batch_size, pool, seed):
-        self.items, self.lengths = items, lengths  # lengths[i]: item i's longest caption
-        self.batch_size, self.pool, self.seed = batch_size, pool, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.items.set_epoch(epoch)
-        self.epoch = epoch
-
-    def __len__(self):
-        items = len(self.items)
-        return -(-items // self.batch_size) - (self.batch_size > 1 and items % self.batch_size == 1)
-
-    def __iter__(self):
-        order = list(self.items)
-        shuffle = torch.Generator().manual_seed(self.seed + self.epoch)
-        span = self.pool * self.batch_size
-        for start in range(0, len(order), span):
-            pool = sorted(order[start:start + span], key=self.lengths.__getitem__)  # stable: ties keep the order
-            batches = [pool[first:first + self.batch_size] for first in range(0, len(pool), self.batch_size)]
-            for index in torch.randperm(len(batches), generator=shuffle).tolist():
-                if len(batches[index]) > 1 or self.batch_size == 1:
-                    yield batches[index]
-
-
-def set_epoch(loader, epoch):
-    """Give a training loader's order (plain or length-bucketed batches) its epoch."""
-    (getattr(loader.batch_sampler, "set_epoch", None) or loader.sampler.set_epoch)(epoch)
-
-
 class TrainingData:
     """The train and val loaders of a run, the val items this process evaluates, and the image size."""
 
@@ -88,13 +52,8 @@ class TrainingData:
         # (which draws the workers' seeds when they start) is another.
         sampler = torch.utils.data.distributed.DistributedSampler(
             train, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=cfg["seed"] * 100_003)
-        if cfg["length_bucket_pool"]:
-            lengths = train.caplens.view(len(train), -1).amax(dim=1).tolist()  # each item's longest caption
-            batches = {"batch_sampler": LengthBucketedBatches(sampler, lengths, batch, cfg["length_bucket_pool"],
-                                                              cfg["seed"] * 100_003)}
-        else:
-            # BatchNorm cannot train on a last batch of one image (every rank has as many items: the same choice).
-            batches = {"batch_size": batch, "sampler": sampler, "drop_last": len(sampler) % batch == 1}
+        # BatchNorm cannot train on a last batch of one image (every rank has as many items: the same choice).
+        batches = {"batch_size": batch, "sampler": sampler, "drop_last": len(sampler) % batch == 1}
         # Validation: each rank its share of the val items, none twice (their metrics are gathered).
         self.val_indices = shard_indices(len(val), ranks.rank, ranks.world_size)
         if ranks.distributed:

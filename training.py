@@ -29,7 +29,7 @@ from datasets import check_data_files, load_word_map
 from distributed import Ranks, unwrapped
 from features import prepare_feature_caches
 from images import normalize_images
-from loaders import TrainingData, default_workers, set_epoch
+from loaders import TrainingData, default_workers
 from metrics import course_bleu
 from models import build_decoder, build_encoder
 from optimization import Optimizers
@@ -226,7 +226,7 @@ class Trainer:
         self.decoder.train()
         self.encoder.train(cfg["fine_tune_encoder"])  # a frozen encoder keeps its BatchNorm statistics
         averages, sums, first_batch = {}, StepSums(), 0
-        set_epoch(self.train_loader, epoch)
+        self.train_loader.sampler.set_epoch(epoch)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch} train", unit="batch", disable=not self.ranks.is_main)
         for i, loaded in enumerate(bar):
             sums.add(self.train_step(loaded))

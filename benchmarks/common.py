@@ -18,7 +18,6 @@ from create_input_files import create_input_files
 from data_files import base_name
 from datasets import ImageCaptionsDataset
 from images import normalize_images
-from loaders import set_epoch
 from shapes import IMAGE_FOLDER, make_shapes_dataset
 from training import Trainer
 
@@ -143,7 +142,7 @@ def training_steps(trainer):
     trainer.decoder.train()
     trainer.encoder.train(trainer.cfg["fine_tune_encoder"])  # a frozen encoder stays in eval mode
     for epoch in itertools.count():
-        set_epoch(trainer.train_loader, epoch)
+        trainer.train_loader.sampler.set_epoch(epoch)
         for batch in trainer.train_loader:
             stats = trainer.train_step(batch)
             yield batch[2].numel(), stats["loss"][0]  # lengths: (B, 1) per caption, (B, cpi) grouped; the loss

@@ -20,7 +20,6 @@ from benchmarks.coco_sized import COCO_VOCABULARY, make_coco_sized_data
 from benchmarks.common import (BATCH_SIZE, CAPTIONS_PER_IMAGE, build_feature_caches, make_trainer, report,
                                report_ratio, synchronize, time_side_by_side, timed, training_steps)
 from benchmarks.decoders import scst_section
-from benchmarks.step_counts import LENGTH_BUCKET_POOL
 from datasets import ImageCaptionsDataset
 from encoding import encode_images, inference_plan
 from images import normalize_images
@@ -62,8 +61,6 @@ def runs(sizes):
     for decoder in ("attention", "rnn", "adaptive", "transformer"):
         yield f"{decoder}_cache_bf16_b32", decoder, course, {}
         yield f"{decoder}_cache_bf16_b{recommended}", decoder, recommended, fast
-    yield f"attention_cache_bf16_b{recommended}_length_buckets", "attention", recommended, dict(
-        fast, length_bucket_pool=LENGTH_BUCKET_POOL)
     yield "attention_cache_bf16_b32_no_graphs", "attention", course, {"cuda_graphs": False}
     yield f"attention_cache_bf16_b{recommended}_no_graphs", "attention", recommended, dict(fast, cuda_graphs=False)
     yield "attention_cache_fp32_b32", "attention", course, {"mixed_precision": False}

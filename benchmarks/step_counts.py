@@ -1,22 +1,20 @@
 """What one attention training step asks of the device at COCO's sizes, counted: its aten operations (kernel
-launches on a GPU, in eager mode) and its host synchronisations. The counts are the same on every machine, so
-bench.py prints them on the CPU too."""
+launches on a GPU, in eager mode) and its host synchronisations; and the positions the CUDA graphs of the
+recurrence compute for each one a caption needs. The counts are the same on every machine, so bench.py prints
+them on the CPU too."""
 import os
 
 import numpy as np
 import torch
-from torch.utils.data.distributed import DistributedSampler
 
 from benchmarks.coco_sized import COCO_MAX_WORDS, COCO_VOCABULARY, caption_lengths, make_coco_sized_data
 from benchmarks.common import BATCH_SIZE, CAPTIONS_PER_IMAGE, SEED, make_trainer, report
 from benchmarks.op_counts import OpCounter, trainer_tensors
-from cuda_graphs import segments
-from loaders import LengthBucketedBatches
+from cuda_graphs import SEGMENT_STEPS, segments
 
 COUNT_TRAIN_IMAGES = 192  # the fewest images whose captions use every word of COCO's vocabulary
 COCO_TRAIN_IMAGES = 113_287
 GPU_BATCH_IMAGES = 64  # the GPU recipe's batch of 320 captions
-LENGTH_BUCKET_POOL = 100
 
 
 def counts_section(work, settings):
@@ -49,29 +47,30 @@ def counts_section(work, settings):
 
 
 def graphed_positions(decode_lengths, batches):
-    """Positions the graphed recurrence computes (each segment's rows for its steps) per position a caption needs
-    (its words and <end>): decode_lengths (images, cpi), batches of image indices."""
+    """Positions the graphed recurrence computes per position a caption needs (its words and <end>): in segments
+    (each segment's rows for its steps), and as one graph would (every caption for the batch's longest, rounded up
+    to a segment). decode_lengths (images, cpi), batches of image indices."""
     padded = COCO_MAX_WORDS + 2  # a caption's padded length (<start>, words, <end>): what a graph runs at most
-    computed = 0
+    segmented = whole = 0
     for batch in batches:
         lengths = sorted(decode_lengths[batch].ravel().tolist(), reverse=True)
-        computed += sum(steps * rows for _, steps, rows, _ in segments(lengths, padded))
-    return computed / decode_lengths.sum()
+        found = segments(lengths, padded)
+        segmented += sum(steps * rows for _, steps, rows, _ in found)
+        whole += len(lengths) * (found[-1][0] + found[-1][1])
+    return segmented / decode_lengths.sum(), whole / decode_lengths.sum()
 
 
 def graphed_positions_section(images=COCO_TRAIN_IMAGES):
     """Graphed positions per needed position over one COCO-sized epoch (caption lengths as the bench's COCO-sized
-    data draws them) at the GPU recipe's batch: plain batches against length-bucketed ones. Returns the figures."""
+    data draws them) at the GPU recipe's batch, in segments and as one graph per batch. Returns the figures."""
     decode_lengths = caption_lengths(images * CAPTIONS_PER_IMAGE, np.random.default_rng(SEED)).reshape(
         images, CAPTIONS_PER_IMAGE) + 1  # (images, cpi): the words and <end>
     order = torch.randperm(images, generator=torch.Generator().manual_seed(SEED)).tolist()
-    plain = [order[start:start + GPU_BATCH_IMAGES] for start in range(0, images, GPU_BATCH_IMAGES)]
-    bucketed = list(LengthBucketedBatches(DistributedSampler(range(images), num_replicas=1, rank=0, seed=SEED),
-                                          decode_lengths.max(axis=1).tolist(), GPU_BATCH_IMAGES, LENGTH_BUCKET_POOL,
-                                          SEED))
-    figures = {"plain": graphed_positions(decode_lengths, plain), "bucketed": graphed_positions(decode_lengths, bucketed),
-               "images": images, "batch_captions": GPU_BATCH_IMAGES * CAPTIONS_PER_IMAGE, "pool": LENGTH_BUCKET_POOL}
-    report("graphed_positions_per_position", f"{figures['plain']:.2f} with plain batches, {figures['bucketed']:.2f} "
-                                             f"with length_bucket_pool {LENGTH_BUCKET_POOL} (one COCO-sized epoch of "
+    batches = [order[start:start + GPU_BATCH_IMAGES] for start in range(0, images, GPU_BATCH_IMAGES)]
+    segmented, whole = graphed_positions(decode_lengths, batches)
+    figures = {"segmented": segmented, "whole_batch": whole, "images": images,
+               "batch_captions": GPU_BATCH_IMAGES * CAPTIONS_PER_IMAGE}
+    report("graphed_positions_per_position", f"{segmented:.2f} in segments of {SEGMENT_STEPS} steps, {whole:.2f} if "
+                                             f"every caption ran for its batch's longest (one COCO-sized epoch of "
                                              f"{images:,} images, batches of {figures['batch_captions']} captions)")
     return figures

@@ -77,11 +77,11 @@ def test_json_holds_the_absolute_figures_behind_each_ratio(quick_run):
     assert 0 < encoder["test_images_per_s"] and 0 < encoder["gflops_per_s"] < 10 * encoder["conv_gflops_per_s"]
 
 
-def test_length_bucketed_batches_cut_the_positions_the_graphs_compute(quick_run):
+def test_the_graphed_segments_compute_fewer_positions_than_one_graph_per_batch(quick_run):
     stdout, figures = quick_run
     positions = figures["graphed_positions"]
-    assert 1 < positions["bucketed"] < positions["plain"] / 2  # COCO-like lengths: most batches fit 16 steps
-    assert line_values(stdout)["graphed_positions_per_position"].startswith(f"{positions['plain']:.2f} with plain")
+    assert 1 < positions["segmented"] < positions["whole_batch"] / 2  # COCO-like lengths: most captions fit 16 steps
+    assert line_values(stdout)["graphed_positions_per_position"].startswith(f"{positions['segmented']:.2f} in segments")
 
 
 def test_the_step_counts_are_printed_and_a_training_step_never_synchronises(quick_run):

@@ -1,6 +1,7 @@
 """The teacher-forced pass of every decoder against the step-by-step reference: one `one_step` call per
 position, its scores and attention written into (N, T, ...) tensors (the course's loop). The decoders run
 only the recurrence step by step and the output layer once over all positions; the results must not change."""
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ import cuda_graphs
 from models import DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN, DecoderWithTransformer
 from models import select_rows
 from benchmarks.op_counts import OpCounter
+from benchmarks.step_counts import graphed_positions
 from training_stages import caption_loss
 
 VOCAB, CHANNELS = 30, 16
@@ -113,6 +115,16 @@ def test_segments_run_the_long_captions_rows_only_and_end_at_the_padded_length()
     assert cuda_graphs.segments(lengths, 52) == [(0, 16, 100, 100), (16, 16, 16, 3), (32, 16, 16, 2), (48, 4, 16, 1)]
     assert [cuda_graphs.segment_rows(running, 100) for running in (1, 16, 17, 33, 64, 65, 100)] == \
         [16, 16, 32, 64, 64, 100, 100]
+
+
+def test_graphed_positions_count_each_segments_rows_for_its_steps():
+    decode_lengths = np.full((4, 5), 3)
+    decode_lengths[0, 0] = 17  # 4 images x 5 captions: 17 + 19 x 3 = 74 positions needed
+    # together: the 20 captions for the first 16 steps, then 16 rows (a segment's fewest) for the next 16; as one
+    # graph, the 20 captions for 32 steps
+    assert graphed_positions(decode_lengths, [[0, 1, 2, 3]]) == pytest.approx(((20 * 16 + 16 * 16) / 74, 20 * 32 / 74))
+    # apart: the long caption's 5 rows for two segments, the 15 short captions for one
+    assert graphed_positions(decode_lengths, [[0], [1, 2, 3]]) == pytest.approx(((5 * 32 + 15 * 16) / 74,) * 2)
 
 
 @pytest.mark.parametrize("name", ["rnn_cell_loop", "attention", "adaptive"])

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from backbones import family_of, load_weights, output_channels
 from images import from_imagenet
@@ -100,6 +100,11 @@ def to_device(tensor, device):
 def select_rows(tensors, index):
     """Index the batch dimension of every tensor in a tuple (slice or index tensor)."""
     return tuple(t[index] for t in tensors)
+
+
+def first_rows(tensors, rows):
+    """The first `rows` rows of every tensor in a tuple; the tuple itself if they have no more."""
+    return tensors if not tensors or tensors[0].size(0) == rows else select_rows(tensors, slice(0, rows))
 
 
 class CaptionDecoder(nn.Module):
@@ -205,9 +210,11 @@ class CaptionDecoder(nn.Module):
         """The recurrence over the first running[t] rows at step t: (N, L, E) embeddings -> step outputs
         (sum of running, D) and attention (sum of running, P) or None, time-major as a PackedSequence."""
         outputs, alphas = [], []
+        words = embeddings[:, :len(running)].unbind(1)  # T x (N, E): one backward operation for all the positions
         for t, rows in enumerate(running):
-            output, state, alpha = self.step(embeddings[:rows, t], select_rows(memory, slice(0, rows)),
-                                             select_rows(state, slice(0, rows)))
+            # Sliced only where captions have ended: each slice costs its backward a zero-filled gradient.
+            memory, state, (word,) = (first_rows(tensors, rows) for tensors in (memory, state, (words[t],)))
+            output, state, alpha = self.step(word, memory, state)
             outputs.append(output)  # (rows, D)
             alphas.append(alpha)  # (rows, P) or None
         return torch.cat(outputs), None if alphas[0] is None else torch.cat(alphas)
@@ -224,10 +231,29 @@ class CaptionDecoder(nn.Module):
         return torch.stack(outputs), None if alphas[0] is None else torch.stack(alphas), state
 
 
+def packed_positions(running):
+    """Where each row of a time-major packed sequence (the first running[t] captions at position t) sits among
+    the N T rows of the batch-first layout: (sum of running,) on the CPU."""
+    counts = torch.tensor(running)
+    step = torch.repeat_interleave(torch.arange(len(running)), counts)  # (K,) the position of each packed row
+    caption = torch.arange(len(step)) - (counts.cumsum(0) - counts)[step]  # (K,) its caption
+    return caption * len(running) + step
+
+
 def lay_out(packed, running):
     """Per-position rows laid end to end, time-major as a PackedSequence (the first running[t] captions at
-    position t): (sum of running, ...) -> (N, T, ...) sorted by decreasing length, zeros past each caption's end."""
-    return pad_packed_sequence(PackedSequence(packed, torch.tensor(running)), batch_first=True)[0]
+    position t): (sum of running, ...) -> (N, T, ...) sorted by decreasing length, zeros past each caption's end.
+    One scatter, whose backward is one gather (pad_packed_sequence's backward copies the whole padded gradient
+    once for every distinct caption length)."""
+    padded = packed.new_zeros(running[0] * len(running), *packed.shape[1:])  # (N T, ...)
+    padded.index_copy_(0, to_device(packed_positions(running), packed.device), packed)
+    return padded.view(running[0], len(running), *packed.shape[1:])
+
+
+def pack(padded, running):
+    """lay_out's inverse: (N, T, ...) -> the (sum of running, ...) rows of the real positions, time-major."""
+    index = to_device(packed_positions(running), padded.device)
+    return padded.reshape(-1, *padded.shape[2:]).index_select(0, index)
 
 
 def running_counts(decode_lengths):
@@ -303,8 +329,7 @@ class DecoderWithRNN(RecurrentDecoder):
         hidden, _ = functional_call(self._sequence_lstm, parameters, (packed, (h[None], c[None])))
         # Score only the real positions, then lay them out as (N, T, V) with zeros at the padding.
         scores = self.scores(hidden.data)  # (sum of lengths, V)
-        predictions, _ = pad_packed_sequence(PackedSequence(scores, hidden.batch_sizes), batch_first=True)
-        return predictions, None
+        return lay_out(scores, running_counts(decode_lengths)), None
 
 
 def rows_of_memory(memory_tensor, state_tensor):

@@ -18,13 +18,12 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from cider import CiderD
 from clip_reward import CiderClipReward, ClipReward
 from clip_score import load_scorer
 from datasets import load_references
-from models import lay_out, running_counts, select_rows
+from models import lay_out, pack, running_counts, select_rows
 from sampling import draw_words, greedy_baseline, greedy_captions, mean_baseline, sample_captions, scst_loss
 
 
@@ -43,8 +42,9 @@ def caption_loss(scores, targets, decode_lengths, alphas, alpha_c, regularize_at
 
     Returns the loss and the packed scores (K, V) and targets (K,) of the real positions.
     """
-    scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data.float()  # (K, V)
-    targets = pack_padded_sequence(targets, decode_lengths, batch_first=True).data
+    running = running_counts(decode_lengths)
+    scores = pack(scores, running).float()  # (K, V)
+    targets = pack(targets[:, :len(running)], running)  # (K,)
     loss = F.cross_entropy(scores, targets, label_smoothing=label_smoothing)
     if regularize_attention and alpha_c:
         loss = loss + alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()

@@ -4,10 +4,11 @@ only the recurrence step by step and the output layer once over all positions; t
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import cuda_graphs
 from models import DecoderWithAdaptiveAttention, DecoderWithAttention, DecoderWithRNN, DecoderWithTransformer
-from models import select_rows
+from models import lay_out, pack, select_rows
 from benchmarks.op_counts import OpCounter
 from benchmarks.step_counts import graphed_positions
 from training_stages import caption_loss
@@ -108,6 +109,22 @@ class PlainRecurrences(cuda_graphs.RecurrenceGraphs):
     def __call__(self, *args):
         self.ran = set()
         return super().__call__(*args)
+
+
+def test_lay_out_equals_pad_packed_sequence_and_so_do_its_gradients():
+    running = [5, 5, 4, 2, 2, 1]  # captions of decode lengths 6, 5, 3, 3, 2
+    packed = torch.randn(sum(running), 7, requires_grad=True)
+    laid_out = lay_out(packed, running)
+    reference = pad_packed_sequence(PackedSequence(packed, torch.tensor(running)), batch_first=True)[0]
+    assert torch.equal(laid_out, reference) and laid_out.shape == (5, 6, 7)
+    weights = torch.randn(5, 6, 7)
+    assert torch.equal(torch.autograd.grad((laid_out * weights).sum(), packed)[0],
+                       torch.autograd.grad((reference * weights).sum(), packed)[0])
+    # pack is its inverse, as pack_padded_sequence
+    padded = torch.randn(5, 6, 7, requires_grad=True)
+    packed_again = pack(padded, running)
+    assert torch.equal(packed_again, pack_padded_sequence(padded, [6, 5, 3, 3, 2], batch_first=True).data)
+    assert torch.equal(torch.autograd.grad(packed_again.sum(), padded)[0], (reference != 0).float())
 
 
 def test_segments_run_the_long_captions_rows_only_and_end_at_the_padded_length():

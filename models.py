@@ -605,18 +605,18 @@ class DecoderWithTransformer(CaptionDecoder):
 
     def one_step(self, embeddings, memory, state):
         x = self.embed_positions(embeddings.unsqueeze(1), state[0].size(2))  # (N, 1, D)
-        scores, state, attention = self.run_layers(x, memory, state)
-        return scores[:, 0], state, attention[:, 0]  # (N, V), state, (N, P)
+        outputs, state, attention = self.run_layers(x, memory, state)
+        return self.fc(outputs[:, 0]), state, attention[:, 0]  # (N, V), state, (N, P)
 
     def decode_teacher_forced(self, embeddings, memory, state, decode_lengths):
         """The whole caption in one causal pass: (N, L, D) embeddings -> predictions (N, T, V) and alphas
-        (N, T, P), zero past each caption's decode length, as the step-by-step decoders give."""
-        steps = max(decode_lengths)
-        x = self.embed_positions(embeddings[:, :steps], state[0].size(2))  # (N, T, D)
-        scores, _, alphas = self.run_layers(x, memory, state)  # (N, T, V), (N, T, P)
-        lengths = to_device(torch.tensor(decode_lengths), x.device)
-        padding = (torch.arange(steps, device=x.device) >= lengths.unsqueeze(1)).unsqueeze(2)  # (N, T, 1)
-        return scores.masked_fill(padding, 0.0), alphas.masked_fill(padding, 0.0)
+        (N, T, P), zero past each caption's decode length, as the step-by-step decoders give. The output layer
+        runs over the real positions only."""
+        running = running_counts(decode_lengths)
+        x = self.embed_positions(embeddings[:, :len(running)], state[0].size(2))  # (N, T, D)
+        outputs, _, alphas = self.run_layers(x, memory, state)  # (N, T, D), (N, T, P)
+        scores = self.fc(pack(outputs, running))  # (sum of lengths, V)
+        return lay_out(scores, running), lay_out(pack(alphas, running), running)
 
     def embed_positions(self, embeddings, start):
         """(N, T, D) word embeddings of positions start.. -> the first layer's input (N, T, D)."""
@@ -624,14 +624,14 @@ class DecoderWithTransformer(CaptionDecoder):
         return self.dropout(embeddings * math.sqrt(self.decoder_dim) + positions.to(embeddings.dtype))
 
     def run_layers(self, x, memory, state):
-        """(N, T, D) inputs after the cached positions -> scores (N, T, V), the grown cache, and the last
-        layer's cross-attention averaged over the heads (N, T, P)."""
+        """(N, T, D) inputs after the cached positions -> outputs (N, T, D) for the output layer, the grown cache,
+        and the last layer's cross-attention averaged over the heads (N, T, P)."""
         new_state = []
         for index, layer in enumerate(self.layers):
             x, keys, values, attention = layer(x, state[2 * index], state[2 * index + 1], memory[2 * index],
                                                memory[2 * index + 1], need_weights=index == len(self.layers) - 1)
             new_state += [keys, values]
-        return self.fc(self.final_norm(x)), tuple(new_state), attention
+        return self.final_norm(x), tuple(new_state), attention
 
 
 # ---------------------------------------------------------------- the registry of decoders

@@ -251,9 +251,10 @@ def lay_out(packed, running):
 
 
 def pack(padded, running):
-    """lay_out's inverse: (N, T, ...) -> the (sum of running, ...) rows of the real positions, time-major."""
+    """lay_out's inverse: (N, T or more, ...) -> the (sum of running, ...) rows of the real positions, time-major
+    (as pack_padded_sequence's data)."""
     index = to_device(packed_positions(running), padded.device)
-    return padded.reshape(-1, *padded.shape[2:]).index_select(0, index)
+    return padded[:, :len(running)].reshape(-1, *padded.shape[2:]).index_select(0, index)
 
 
 def running_counts(decode_lengths):

@@ -44,7 +44,7 @@ def caption_loss(scores, targets, decode_lengths, alphas, alpha_c, regularize_at
     """
     running = running_counts(decode_lengths)
     scores = pack(scores, running).float()  # (K, V)
-    targets = pack(targets[:, :len(running)], running)  # (K,)
+    targets = pack(targets, running)  # (K,)
     loss = F.cross_entropy(scores, targets, label_smoothing=label_smoothing)
     if regularize_attention and alpha_c:
         loss = loss + alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()

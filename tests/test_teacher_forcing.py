@@ -125,6 +125,8 @@ def test_lay_out_equals_pad_packed_sequence_and_so_do_its_gradients():
     packed_again = pack(padded, running)
     assert torch.equal(packed_again, pack_padded_sequence(padded, [6, 5, 3, 3, 2], batch_first=True).data)
     assert torch.equal(torch.autograd.grad(packed_again.sum(), padded)[0], (reference != 0).float())
+    longer = torch.randn(5, 9, 7)  # more positions than the longest caption needs, as padded captions have
+    assert torch.equal(pack(longer, running), pack_padded_sequence(longer, [6, 5, 3, 3, 2], batch_first=True).data)
 
 
 def test_segments_run_the_long_captions_rows_only_and_end_at_the_padded_length():

@@ -14,7 +14,7 @@ from cuda_graphs import SEGMENT_STEPS, segments
 
 COUNT_TRAIN_IMAGES = 192  # the fewest images whose captions use every word of COCO's vocabulary
 COCO_TRAIN_IMAGES = 113_287
-GPU_BATCH_IMAGES = 64  # the GPU recipe's batch of 320 captions
+GPU_BATCH_IMAGES = 32  # the GPU recipe's batch of 160 captions
 
 
 def counts_section(work, settings):

@@ -37,3 +37,20 @@ def test_the_teacher_forced_pass_dispatches_fewer_operations_than_the_step_by_st
         step_by_step(decoder, *inputs)[0].sum().backward()
     assert fast.operations < reference.operations, (fast.by_operation, reference.by_operation)
     assert fast.by_operation["addmm"] < reference.by_operation["addmm"]  # one output layer, not one per step
+
+
+@pytest.mark.parametrize("name", ["rnn_cell_loop", "attention"])
+def test_the_teacher_forced_loop_slices_nothing_while_no_caption_ends(name):
+    """A slice's backward zero-fills a gradient of the whole tensor: the loop slices the memory and the state only
+    at the steps where captions end, and takes every position's words from one unbind. With captions of one
+    length (15 steps) none ends before the last step: at most one slice's backward in the whole pass (the
+    step-by-step reference has 2 to 4 a step)."""
+    decoder = make_decoder(name).train()
+    encoder_out, captions, lengths, caption_image = grouped_batch(images=4, length=16)
+    lengths = torch.full_like(lengths, 16)
+    with OpCounter(decoder.parameters()) as counts:
+        decoder(encoder_out, captions, lengths, caption_image)[0].sum().backward()
+    with OpCounter(decoder.parameters()) as reference:
+        step_by_step(decoder, encoder_out, captions, lengths, caption_image)[0].sum().backward()
+    sliced = counts.by_operation["slice_backward"] + counts.by_operation["select_backward"]
+    assert sliced <= 1 and reference.by_operation["slice_backward"] >= 2 * 15, counts.by_operation

@@ -76,7 +76,7 @@ CFG_SCHEMA = {
     "deterministic": (False, (bool,), "deterministic kernels (bitwise-repeatable runs and resumes; slower)"),
     "mixed_precision": (None, (bool, NONE), "bf16/fp16 autocast; None: on for CUDA, off on CPU"),
     "channels_last": (None, (bool, NONE), "encoder in channels_last memory layout while training; None: on for CUDA, off on the CPU"),
-    "cuda_graphs": (None, (bool, NONE), "replay the decoder's teacher-forced recurrence as CUDA graphs; None: on for one CUDA GPU (cuda_graphs.py)"),
+    "cuda_graphs": (None, (bool, NONE), "replay the decoder's teacher-forced pass as CUDA graphs; None: the recurrent decoders' on one CUDA GPU, True: the Transformer's too (cuda_graphs.py)"),
     "lr_warmup_steps": (None, (int, NONE), "linear learning-rate warm-up over this many steps; None: 20000 for "
                                            "decoders that need one (transformer), 0 for the others"),
     # The second stage: self-critical sequence training (Rennie et al. 2017) with a CIDEr-D (+ CLIP-S) reward

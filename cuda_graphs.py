@@ -1,4 +1,4 @@
-"""The teacher-forced recurrence of a training step replayed as CUDA graphs (a GPU's launch overhead removed).
+"""The teacher-forced pass of a training step replayed as CUDA graphs (a GPU's launch overhead removed).
 
 Step by step, a recurrent decoder launches a few dozen small kernels per word position, forward and backward:
 on a GPU the step is then bound by the Python that launches them, not by the GPU. A CUDA graph records those
@@ -14,15 +14,23 @@ loop.
 
 Autocast must run without its weight-cast cache under graphs, and it casts activations at every use: so under
 autocast the recurrence casts the weights, and the memory that start() gives and the steps' matrix products
-read, once for each segment. The trainer turns graphs on for cfg['cuda_graphs'] (None: on a single CUDA GPU
-for decoders with a step-by-step recurrence; the rnn decoder's is cuDNN's already).
+read, once for each segment.
+
+The Transformer's decoder layers launch a few thousand kernels a step, forward and backward, whatever the batch
+(3,213 aten operations for 6 + 6 layers at COCO's sizes, counted on the CPU): LayerGraphs replays them as one
+graph per batch shape, the positions padded up to a multiple of SEGMENT_STEPS. Not yet measured on a GPU, so
+only with cfg['cuda_graphs'] True; None (the default) graphs the recurrent decoders on a single CUDA GPU (the
+rnn decoder's recurrence is cuDNN's already).
 """
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
+
+from models import DecoderWithTransformer, RecurrentDecoder
 
 SEGMENT_STEPS = 16  # steps of one graphed segment
 MIN_SEGMENT_ROWS = 16  # fewer rows cost a GPU no less time: they are rounded up to this
@@ -70,13 +78,58 @@ class Recurrence(nn.Module):
         return (outputs, *state) if alphas is None else (outputs, alphas, *state)
 
 
-class RecurrenceGraphs:
-    """The graphed recurrences of one decoder, by segment and shape; called as decoder.recurrence_graphs."""
+class DecoderLayers(nn.Module):
+    """The Transformer's decoder layers over whole captions from their first position, as a module of tensor
+    arguments (what make_graphed_callables takes): forward(x, *memory) -> (outputs, attention), as
+    decoder.run_layers gives them from an empty cache."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, x, *memory):
+        no_words = x.new_zeros(x.size(0), self.decoder.heads, 0, self.decoder.decoder_dim // self.decoder.heads)
+        outputs, _, attention = self.decoder.run_layers(x, memory, (no_words,) * len(memory))
+        return outputs, attention
+
+
+class CapturedGraphs:
+    """Graphed callables of one decoder by key (their inputs' shapes), each captured the first time it is needed
+    (torch.cuda.make_graphed_callables: forward and backward); called as decoder.training_graphs. If a capture
+    fails: a warning, the plain module for this batch, and no graphs from the next batch on."""
 
     def __init__(self, decoder):
         self.decoder = decoder
-        self.graphs = {}  # (segment, steps, shapes, dtypes and requires_grad of the inputs) -> graphed callable
+        self.graphs = {}  # key -> graphed callable
         self.failed = False
+
+    def graphed(self, key, make_module, inputs):
+        """The graphed callable for `key`, captured on inputs like `inputs` if it is new."""
+        return self.graphs.get(key) or self.capture(key, make_module(), inputs)
+
+    def capture(self, key, module, inputs):
+        if self.failed:
+            return module
+        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+        try:
+            graphed = torch.cuda.make_graphed_callables(module, samples, allow_unused_input=True)
+        except RuntimeError as error:
+            self.failed = True
+            self.decoder.training_graphs = None
+            warnings.warn(f"CUDA graphs of the decoder's teacher-forced pass could not be captured ({error}); "
+                          f"training goes on without them (set cfg['cuda_graphs'] = False to skip the attempt)")
+            return module
+        self.graphs[key] = graphed
+        return graphed
+
+
+def input_key(inputs):
+    """The shapes, dtypes and requires_grad of a graph's inputs: one graph per distinct key."""
+    return tuple((t.shape, t.dtype, t.requires_grad) for t in inputs)
+
+
+class RecurrenceGraphs(CapturedGraphs):
+    """A recurrent decoder's teacher-forced recurrence in graphed segments."""
 
     def __call__(self, embeddings, memory, state, decode_lengths):
         """(N, L, E) embeddings, memory and state tuples of N rows sorted by decreasing decode length -> step
@@ -85,8 +138,8 @@ class RecurrenceGraphs:
         outputs, alphas = [], []
         for segment, (first, steps, rows, running) in enumerate(segments(decode_lengths, embeddings.size(1))):
             inputs = (embeddings[:rows, first:first + steps], *(t[:rows] for t in (*memory, *state)))
-            key = (segment, steps, len(memory), tuple((t.shape, t.dtype, t.requires_grad) for t in inputs))
-            graphed = self.graphs.get(key) or self.capture(key, steps, inputs, len(memory))
+            graphed = self.graphed((segment, steps, len(memory), input_key(inputs)),
+                                   lambda: Recurrence(self.decoder, steps, len(memory)), inputs)
             results = graphed(*inputs)  # (steps, rows, D), (steps, rows, P) if attention, then the state
             state = results[len(results) - len(state):]
             # The positions each running caption needs in this segment, packed time-major.
@@ -96,29 +149,26 @@ class RecurrenceGraphs:
                 alphas.append(pack_padded_sequence(results[1][:, :running], lengths).data)
         return torch.cat(outputs), torch.cat(alphas) if alphas else None
 
-    def capture(self, key, steps, inputs, memory_count):
-        """Record the graphs of the forward and backward pass for inputs like `inputs`. If the capture fails: the
-        plain recurrence for this batch, and the decoder leaves graphs for its step-by-step loop from the next
-        batch on."""
-        recurrence = Recurrence(self.decoder, steps, memory_count)
-        if self.failed:
-            return recurrence
-        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
-        try:
-            graphed = torch.cuda.make_graphed_callables(recurrence, samples, allow_unused_input=True)
-        except RuntimeError as error:
-            self.failed = True
-            self.decoder.recurrence_graphs = None
-            warnings.warn(f"CUDA graphs of the decoder's recurrence could not be captured ({error}); training "
-                          f"goes on step by step (set cfg['cuda_graphs'] = False to skip the attempt)")
-            return recurrence
-        self.graphs[key] = graphed
-        return graphed
+
+class LayerGraphs(CapturedGraphs):
+    """The Transformer's teacher-forced decoder layers as graphs, the positions padded up to a multiple of
+    SEGMENT_STEPS (a later position never changes an earlier one under the causal mask)."""
+
+    def __call__(self, x, memory):
+        """(N, T, D) first-layer inputs and the layers' memory -> outputs (N, T, D) and attention (N, T, P)."""
+        steps = x.size(1)
+        x = F.pad(x, (0, 0, 0, -(-steps // SEGMENT_STEPS) * SEGMENT_STEPS - steps))  # (N, T rounded up, D)
+        inputs = (x, *memory)
+        outputs, attention = self.graphed(input_key(inputs), lambda: DecoderLayers(self.decoder), inputs)(*inputs)
+        return outputs[:, :steps], attention[:, :steps]
 
 
-def wants_graphs(cfg, decoder, device, distributed):
-    """Whether the trainer graphs `decoder`'s recurrence: cfg['cuda_graphs'], where None means on a single
-    CUDA GPU for a decoder whose teacher-forced pass steps through its recurrence."""
-    possible = device.type == "cuda" and not distributed and hasattr(decoder, "recur") and \
-        not getattr(decoder, "fused_lstm", False)
-    return possible if cfg["cuda_graphs"] is None else cfg["cuda_graphs"] and possible
+def training_graphs(cfg, decoder, device, distributed):
+    """The CUDA graphs the trainer gives `decoder`, or None. cfg['cuda_graphs'] None (the default): on a single
+    CUDA GPU for a decoder that steps through its recurrence (the rnn decoder's is cuDNN's already); True: also
+    the Transformer's layers (not yet measured on a GPU, so not by default)."""
+    if device.type != "cuda" or distributed or cfg["cuda_graphs"] is False or getattr(decoder, "fused_lstm", False):
+        return None
+    if isinstance(decoder, RecurrentDecoder):
+        return RecurrenceGraphs(decoder)
+    return LayerGraphs(decoder) if cfg["cuda_graphs"] and isinstance(decoder, DecoderWithTransformer) else None

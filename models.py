@@ -117,9 +117,9 @@ class CaptionDecoder(nn.Module):
     attention_regularization = False
     #: its learning rate needs a warm-up (cfg lr_warmup_steps)
     lr_warmup = False
-    #: set by the trainer on a GPU (cuda_graphs.RecurrenceGraphs): the teacher-forced recurrence of training
-    #: steps replayed as CUDA graphs; None: run step by step
-    recurrence_graphs = None
+    #: set by the trainer on a GPU (cuda_graphs.training_graphs): the teacher-forced pass of training steps
+    #: replayed as CUDA graphs; None: run it eagerly
+    training_graphs = None
 
     def __init__(self, embed_dim, decoder_dim, vocab_size, encoder_dim, dropout):
         super().__init__()
@@ -199,8 +199,8 @@ class CaptionDecoder(nn.Module):
         """The recurrence step by step over the captions still running (sorted first); then, once over every
         real position, what no later step needs: dropout and the output layer, and the attention laid out."""
         running = running_counts(decode_lengths)  # [captions still running at step t]
-        if self.recurrence_graphs is not None and self.training and torch.is_grad_enabled():
-            outputs, alphas = self.recurrence_graphs(embeddings, memory, state, decode_lengths)
+        if self.training_graphs is not None and self.training and torch.is_grad_enabled():
+            outputs, alphas = self.training_graphs(embeddings, memory, state, decode_lengths)
         else:
             outputs, alphas = self.recur_running(embeddings, memory, state, running)
         predictions = lay_out(self.scores(outputs), running)  # (N, T, V)
@@ -615,7 +615,10 @@ class DecoderWithTransformer(CaptionDecoder):
         runs over the real positions only."""
         running = running_counts(decode_lengths)
         x = self.embed_positions(embeddings[:, :len(running)], state[0].size(2))  # (N, T, D)
-        outputs, _, alphas = self.run_layers(x, memory, state)  # (N, T, D), (N, T, P)
+        if self.training_graphs is not None and self.training and torch.is_grad_enabled():
+            outputs, alphas = self.training_graphs(x, memory)
+        else:
+            outputs, _, alphas = self.run_layers(x, memory, state)  # (N, T, D), (N, T, P)
         scores = self.fc(pack(outputs, running))  # (sum of lengths, V)
         return lay_out(scores, running), lay_out(pack(alphas, running), running)
 

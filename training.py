@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from averages import Average, StepSums
 from checkpoints import checkpoint_bytes, empty_history, save_checkpoint
 from cider import CiderD
-from cuda_graphs import RecurrenceGraphs, wants_graphs
+from cuda_graphs import training_graphs
 from datasets import check_data_files, load_word_map
 from distributed import Ranks, unwrapped
 from features import prepare_feature_caches
@@ -105,8 +105,7 @@ class Trainer:
         data = TrainingData(cfg, ranks, features, STAGES[cfg["training"]].needs_image_index, pin_memory=self.cuda)
         self.train_loader, self.val_loader, self.val_indices = data.train, data.val, data.val_indices
         self.image_size = data.image_size
-        if wants_graphs(cfg, self.decoder, self.device, ranks.distributed):
-            self.decoder.recurrence_graphs = RecurrenceGraphs(self.decoder)
+        self.decoder.training_graphs = training_graphs(cfg, self.decoder, self.device, ranks.distributed)
         self.decoder = ranks.wrap(self.decoder)
         if cfg["fine_tune_encoder"]:
             self.encoder = ranks.wrap(self.encoder)
@@ -162,7 +161,7 @@ class Trainer:
     def autocast(self):
         # CUDA graphs record the casts of the weights, which autocast's cache would keep out of the graph
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.mixed_precision,
-                              cache_enabled=self.decoder_module.recurrence_graphs is None)
+                              cache_enabled=self.decoder_module.training_graphs is None)
 
     def encode(self, inputs):
         """A batch from the loader -> (B, P, C) encodings: cached features, or the encoder on the images."""

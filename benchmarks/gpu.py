@@ -65,6 +65,7 @@ def runs(sizes):
         yield f"{decoder}_cache_bf16_b32", decoder, course, {}
         yield f"{decoder}_cache_bf16_b{recommended}", decoder, recommended, fast
     yield f"attention_cache_bf16_b{sizes.large_batch}", "attention", sizes.large_batch, {"decoder_lr": LARGE_LR}
+    yield f"transformer_cache_bf16_b{recommended}_graphs", "transformer", recommended, dict(fast, cuda_graphs=True)
     yield "attention_cache_bf16_b32_no_graphs", "attention", course, {"cuda_graphs": False}
     yield f"attention_cache_bf16_b{recommended}_no_graphs", "attention", recommended, dict(fast, cuda_graphs=False)
     yield "attention_cache_fp32_b32", "attention", course, {"mixed_precision": False}

@@ -96,15 +96,14 @@ class PlainRecurrences(cuda_graphs.RecurrenceGraphs):
     """RecurrenceGraphs whose 'capture' keeps the plain Recurrence module: the graphed path's every-row
     recurrence, segments and packing, run on the CPU. Like a CUDA graph, each runs at most once per pass."""
 
-    def capture(self, key, steps, inputs, memory_count):
-        recurrence = cuda_graphs.Recurrence(self.decoder, steps, memory_count)
-        self.graphs[key] = lambda *tensors: self.run_once(key, recurrence, tensors)
+    def capture(self, key, module, inputs):
+        self.graphs[key] = lambda *tensors: self.run_once(key, module, tensors)
         return self.graphs[key]
 
-    def run_once(self, key, recurrence, tensors):
+    def run_once(self, key, module, tensors):
         assert key not in self.ran, f"graph {key[:2]} replayed twice in one pass"
         self.ran.add(key)
-        return recurrence(*tensors)
+        return module(*tensors)
 
     def __call__(self, *args):
         self.ran = set()
@@ -152,7 +151,7 @@ def test_the_segmented_recurrence_of_cuda_graphs_equals_the_step_by_step_pass(na
     inputs = grouped_batch(images=8, length=20)  # 40 captions, decode lengths up to 19: two segments of 16 steps
     torch.manual_seed(2)
     scores, _, lengths, alphas, _ = decoder(*inputs)
-    decoder.recurrence_graphs = graphs = PlainRecurrences(decoder)
+    decoder.training_graphs = graphs = PlainRecurrences(decoder)
     torch.manual_seed(2)
     graphed_scores, _, graphed_lengths, graphed_alphas, _ = decoder(*inputs)
     long_captions = sum(length > 16 for length in lengths)
@@ -165,12 +164,55 @@ def test_the_segmented_recurrence_of_cuda_graphs_equals_the_step_by_step_pass(na
         torch.testing.assert_close(graphed_alphas, alphas, rtol=1e-5, atol=1e-5)
     parameters = [p for p in decoder.parameters() if p.requires_grad]
     graphed_grads = torch.autograd.grad(graphed_scores.sum(), parameters, allow_unused=True)
-    decoder.recurrence_graphs = None
+    decoder.training_graphs = None
     torch.manual_seed(2)
     grads = torch.autograd.grad(decoder(*inputs)[0].sum(), parameters, allow_unused=True)
     for got, want in zip(graphed_grads, grads):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class PlainLayerGraphs(cuda_graphs.LayerGraphs):
+    """LayerGraphs whose 'capture' keeps the plain module: the padding and slicing of the graphed path on the CPU."""
+
+    def capture(self, key, module, inputs):
+        self.graphs[key] = module
+        return module
+
+
+def test_the_graphed_transformer_layers_equal_the_plain_pass():
+    decoder = make_decoder("transformer").train()
+    for layer in decoder.layers:  # no dropout in the decoder layers: the padded pass would draw other masks
+        layer.dropout_p = 0.0
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    inputs = grouped_batch(images=4, length=20)  # decode lengths up to 19: padded to 32 positions
+    torch.manual_seed(2)  # the same dropout before the layers (over the grid, the embeddings) in both passes
+    scores, _, lengths, alphas, _ = decoder(*inputs)
+    parameters = [p for p in decoder.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(scores.square().sum(), parameters, allow_unused=True)
+    decoder.training_graphs = graphs = PlainLayerGraphs(decoder)
+    torch.manual_seed(2)
+    graphed_scores, _, _, graphed_alphas, _ = decoder(*inputs)
+    assert [key[0][0] for key in graphs.graphs] == [torch.Size([20, 32, 32])]  # (N, T rounded up to 32, D)
+    torch.testing.assert_close(graphed_scores, scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graphed_alphas, alphas, rtol=1e-5, atol=1e-5)
+    graphed_grads = torch.autograd.grad(graphed_scores.square().sum(), parameters, allow_unused=True)
+    for got, want in zip(graphed_grads, grads):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, graphs, wanted", [
+    ("attention", None, cuda_graphs.RecurrenceGraphs), ("adaptive", True, cuda_graphs.RecurrenceGraphs),
+    ("attention", False, type(None)), ("rnn", None, type(None)), ("rnn_cell_loop", None, cuda_graphs.RecurrenceGraphs),
+    ("transformer", None, type(None)), ("transformer", True, cuda_graphs.LayerGraphs)])
+def test_the_trainer_graphs_what_cfg_cuda_graphs_says_on_one_cuda_gpu(name, graphs, wanted):
+    decoder, cfg = make_decoder(name), {"cuda_graphs": graphs}
+    assert isinstance(cuda_graphs.training_graphs(cfg, decoder, torch.device("cuda"), False), wanted)
+    assert cuda_graphs.training_graphs(cfg, decoder, torch.device("cpu"), False) is None
+    assert cuda_graphs.training_graphs(cfg, decoder, torch.device("cuda"), True) is None  # several processes
 
 
 def test_the_graphed_recurrence_casts_each_weight_once_under_autocast_and_computes_the_same():
@@ -204,8 +246,8 @@ def test_a_failed_capture_warns_and_the_decoder_goes_on_step_by_step(monkeypatch
     decoder.dropout.eval()  # no dropout: the two passes compare exactly
     inputs = grouped_batch()
     reference = decoder(*inputs)[0]
-    decoder.recurrence_graphs = cuda_graphs.RecurrenceGraphs(decoder)
+    decoder.training_graphs = cuda_graphs.RecurrenceGraphs(decoder)
     with pytest.warns(UserWarning, match="could not be captured"):
         scores = decoder(*inputs)[0]
-    assert decoder.recurrence_graphs is None  # the next batches run step by step
+    assert decoder.training_graphs is None  # the next batches run step by step
     torch.testing.assert_close(scores, reference, rtol=1e-5, atol=1e-5)

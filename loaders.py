@@ -53,7 +53,7 @@ class TrainingData:
         sampler = torch.utils.data.distributed.DistributedSampler(
             train, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=cfg["seed"] * 100_003)
         # BatchNorm cannot train on a last batch of one image (every rank has as many items: the same choice).
-        batches = {"batch_size": batch, "sampler": sampler, "drop_last": len(sampler) % batch == 1}
+        drop_last = len(sampler) % batch == 1
         # Validation: each rank its share of the val items, none twice (their metrics are gathered).
         self.val_indices = shard_indices(len(val), ranks.rank, ranks.world_size)
         if ranks.distributed:
@@ -61,5 +61,6 @@ class TrainingData:
         if with_image_index:
             train = WithImageIndex(train)
         worker_seeds = torch.Generator().manual_seed(cfg["seed"])
-        self.train = torch.utils.data.DataLoader(train, generator=worker_seeds, **batches, **options)
+        self.train = torch.utils.data.DataLoader(train, batch_size=batch, sampler=sampler, drop_last=drop_last,
+                                                 generator=worker_seeds, **options)
         self.val = torch.utils.data.DataLoader(val, batch_size=batch, **options)

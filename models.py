@@ -24,6 +24,7 @@ Teacher forcing (forward) steps through the positions with `step`; the LSTM deco
 run only their recurrence there and their output layer once over every position after the loop, and the
 Transformer decodes all positions in one causal pass.
 """
+import functools
 import itertools
 import math
 import torch
@@ -231,13 +232,20 @@ class CaptionDecoder(nn.Module):
         return torch.stack(outputs), None if alphas[0] is None else torch.stack(alphas), state
 
 
-def packed_positions(running):
+def packed_positions(running, device):
     """Where each row of a time-major packed sequence (the first running[t] captions at position t) sits among
-    the N T rows of the batch-first layout: (sum of running,) on the CPU."""
-    counts = torch.tensor(running)
-    step = torch.repeat_interleave(torch.arange(len(running)), counts)  # (K,) the position of each packed row
-    caption = torch.arange(len(step)) - (counts.cumsum(0) - counts)[step]  # (K,) its caption
-    return caption * len(running) + step
+    the N T rows of the batch-first layout: (sum of running,) on `device`. A step lays out and packs its scores,
+    attention and targets with the same running counts: the index is built and copied once for them all."""
+    return _packed_positions(tuple(running), torch.device(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _packed_positions(running, device):
+    with torch.inference_mode(False):  # kept for later passes: a normal tensor, which autograd may save
+        counts = torch.tensor(running)
+        step = torch.repeat_interleave(torch.arange(len(running)), counts)  # (K,) the position of each packed row
+        caption = torch.arange(len(step)) - (counts.cumsum(0) - counts)[step]  # (K,) its caption
+        return to_device(caption * len(running) + step, device)
 
 
 def lay_out(packed, running):
@@ -246,14 +254,14 @@ def lay_out(packed, running):
     One scatter, whose backward is one gather (pad_packed_sequence's backward copies the whole padded gradient
     once for every distinct caption length)."""
     padded = packed.new_zeros(running[0] * len(running), *packed.shape[1:])  # (N T, ...)
-    padded.index_copy_(0, to_device(packed_positions(running), packed.device), packed)
+    padded.index_copy_(0, packed_positions(running, packed.device), packed)
     return padded.view(running[0], len(running), *packed.shape[1:])
 
 
 def pack(padded, running):
     """lay_out's inverse: (N, T or more, ...) -> the (sum of running, ...) rows of the real positions, time-major
     (as pack_padded_sequence's data)."""
-    index = to_device(packed_positions(running), padded.device)
+    index = packed_positions(running, padded.device)
     return padded[:, :len(running)].reshape(-1, *padded.shape[2:]).index_select(0, index)
 
 

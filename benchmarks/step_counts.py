@@ -9,12 +9,13 @@ import torch
 
 from benchmarks.coco_sized import COCO_MAX_WORDS, COCO_VOCABULARY, caption_lengths, make_coco_sized_data
 from benchmarks.common import BATCH_SIZE, CAPTIONS_PER_IMAGE, SEED, make_trainer, report
+from benchmarks.gpu import RECOMMENDED_BATCH
 from benchmarks.op_counts import OpCounter, trainer_tensors
 from cuda_graphs import SEGMENT_STEPS, segments
 
 COUNT_TRAIN_IMAGES = 192  # the fewest images whose captions use every word of COCO's vocabulary
 COCO_TRAIN_IMAGES = 113_287
-GPU_BATCH_IMAGES = 32  # the GPU recipe's batch of 160 captions
+GPU_BATCH_IMAGES = RECOMMENDED_BATCH // CAPTIONS_PER_IMAGE  # the GPU recipe's batch
 
 
 def counts_section(work, settings):

@@ -175,3 +175,19 @@ def test_the_options_study_table_gives_each_variants_mean_and_seeds():
     lines = table(rows).splitlines()
     assert lines[2] == "| plain | 0.6000 | 4.5000 | 0.5000, 0.7000 | 4.0000, 5.0000 |"
     assert lines[3] == "| ensemble | 0.6500 | 4.2500 | 0.6500 | 4.2500 |"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs for minutes")
+def test_the_gpu_check_script_writes_each_part_under_out(tmp_path):
+    """benchmarks/gpu_check.sh on a machine without CUDA: its parts run (the CUDA tests skipped, the --gpu section
+    says it is skipped) and each writes its file under $OUT."""
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OUT=str(out), PYTHON=sys.executable))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"torch {torch.__version__}" in (out / "machine.txt").read_text()
+    tests = (out / "test_on_cuda.txt").read_text()
+    assert re.search(r"\d+ skipped", tests) and "exit status 0" in tests
+    bench = (out / "bench.txt").read_text()
+    assert "gpu: skipped" in bench and "exit status 0" in bench
+    assert "gpu" in json.loads((out / "bench.json").read_text())

@@ -169,8 +169,9 @@ def build_feature_cache(encoder, data_folder, data_name, split, path, fingerprin
 
 def write_features(encoder, loader, plan, features, split):
     """Encode the loader's images into the HDF5 dataset `features` (N, P, C), in order. The next batch is read and
-    encoded while a writer thread writes the previous one: the device never waits for the disk. Each batch is
-    checked where it was encoded (row_problems), and the check's answer travels to the host with it."""
+    encoded while a writer thread writes the previous one: the device never waits for the disk. (The loader's
+    workers read: h5py runs one call at a time in a process, so a read here would wait for the write.) Each batch
+    is checked where it was encoded (row_problems), and the check's answer travels to the host with it."""
     device, backbone = next(encoder.parameters()).device, encoder.backbone_name
     cuda = device.type == "cuda"
     start, pending = 0, None

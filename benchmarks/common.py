@@ -223,12 +223,12 @@ class FeatureCache:
         return {"images": self.images, "seconds": self.seconds, "images_per_s": self.images / self.seconds}
 
 
-def build_feature_caches(encoder, data, cache_folder, device, batch_size=BATCH_SIZE):
-    """Build the TRAIN and VAL feature caches as train(cfg) does, timed."""
+def build_feature_caches(encoder, data, cache_folder, device, batch_size=BATCH_SIZE, workers=0):
+    """Build the TRAIN and VAL feature caches as train(cfg) does (with that many loader workers), timed."""
     encoder.eval()
     paths, seconds = timed(lambda: tuple(features.ensure_feature_cache(encoder, data.folder, data.name, split,
                                                                        cache_folder, batch_size=batch_size,
-                                                                       device=device)
+                                                                       workers=workers, device=device)
                                          for split in ("TRAIN", "VAL")), device=device)
     images = 0
     for path in paths:

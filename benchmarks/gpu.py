@@ -23,6 +23,7 @@ from benchmarks.decoders import scst_section
 from datasets import ImageCaptionsDataset
 from encoding import encode_images, inference_plan
 from images import normalize_images
+from loaders import default_workers
 from models import Encoder
 
 COCO_EPOCH_CAPTIONS = 566_435  # Karpathy train + restval: 113,287 images, their 5 sampled captions
@@ -96,7 +97,10 @@ def gpu_section(work, quick=False):
     figures = {"device": name, "sizes": sizes.__dict__, "runs": {}}
     encoder = Encoder(sizes.grid, sizes.backbone, data.encoder_weights).to(device).eval()
     figures["encoder"] = encoder_figures(encoder, data, device)
-    cache = build_feature_caches(encoder, data, common["cache_folder"], device, ENCODER_BATCH)
+    # The loader workers train(cfg) gives the build: reading in this process would wait on h5py's lock while the
+    # writer thread writes the previous batch.
+    cache = build_feature_caches(encoder, data, common["cache_folder"], device, ENCODER_BATCH,
+                                 default_workers(common))
     figures["cache_build"] = cache.figures()
     report("gpu_cache_build_images_per_s", f"{cache.images / cache.seconds:.0f} ({cache.images} images, "
                                            f"{cache.images / cache.seconds / figures['encoder']['toolkit']:.0%} of "

@@ -115,14 +115,14 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def fastest_alternately(functions, rounds, *args):
+def fastest_alternately(functions, rounds, *args, device="cpu"):
     """Call each of `functions` (a dict) with `args`, in turn, `rounds` times over, so that every one sees
     the same load of the machine; returns {name: (result, seconds of its fastest call)}, the call least
     disturbed by the rest of the machine."""
     fastest = {}
     for _ in range(rounds):
         for name, function in functions.items():
-            result, seconds = timed(function, *args)
+            result, seconds = timed(function, *args, device=device)
             fastest[name] = (result, min(seconds, fastest.get(name, (None, math.inf))[1]))
     return fastest
 

@@ -213,30 +213,40 @@ def make_trainer(data, work, settings, decoder, device="cpu", **overrides):
 
 @dataclass(frozen=True)
 class FeatureCache:
-    """The TRAIN and VAL feature caches built (and timed) by the benchmark."""
+    """The TRAIN and VAL feature caches built (and timed, each on its own) by the benchmark."""
     paths: tuple
     stamps: tuple  # st_mtime_ns of each file right after the build
-    images: int
-    seconds: float
+    split_images: tuple  # images of each cache
+    split_seconds: tuple  # seconds of each build
+
+    @property
+    def images(self):
+        return sum(self.split_images)
+
+    @property
+    def seconds(self):
+        return sum(self.split_seconds)
 
     def figures(self):
-        return {"images": self.images, "seconds": self.seconds, "images_per_s": self.images / self.seconds}
+        return {"images": self.images, "seconds": self.seconds, "images_per_s": self.images / self.seconds,
+                "split_images": list(self.split_images), "split_seconds": list(self.split_seconds)}
 
 
 def build_feature_caches(encoder, data, cache_folder, device, batch_size=BATCH_SIZE, workers=0):
-    """Build the TRAIN and VAL feature caches as train(cfg) does (with that many loader workers), timed."""
+    """Build the TRAIN and VAL feature caches as train(cfg) does (with that many loader workers), each timed."""
     encoder.eval()
-    paths, seconds = timed(lambda: tuple(features.ensure_feature_cache(encoder, data.folder, data.name, split,
-                                                                       cache_folder, batch_size=batch_size,
-                                                                       workers=workers, device=device)
-                                         for split in ("TRAIN", "VAL")), device=device)
-    images = 0
+    builds = [timed(lambda split=split: features.ensure_feature_cache(encoder, data.folder, data.name, split,
+                                                                      cache_folder, batch_size=batch_size,
+                                                                      workers=workers, device=device),
+                    device=device)
+              for split in ("TRAIN", "VAL")]
+    paths = tuple(path for path, _ in builds)
+    images = []
     for path in paths:
         with h5py.File(path, "r") as h5:
-            images += len(h5["features"])
-    return FeatureCache(paths, tuple(os.stat(path).st_mtime_ns for path in paths), images, seconds)
-
-
+            images.append(len(h5["features"]))
+    return FeatureCache(paths, tuple(os.stat(path).st_mtime_ns for path in paths), tuple(images),
+                        tuple(seconds for _, seconds in builds))
 
 
 def check_reads_cache(trainer, cache):

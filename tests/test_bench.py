@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from benchmarks.coco_sized import random_captions
-from benchmarks.common import BATCH_SIZE, QUICK, coco_projection
+from benchmarks.common import BATCH_SIZE, QUICK, FeatureCache, coco_projection
 from benchmarks.encoder import backbone_table
-from benchmarks.gpu import GPU_QUICK
+from benchmarks.gpu import GPU_QUICK, cache_build_figures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIO_LINES = ("train_speedup_attention", "train_speedup_rnn", "beam_speedup", "preprocess_speedup", "encoder_speedup",
@@ -109,6 +109,7 @@ def test_the_gpu_section_runs_on_the_cpu_at_tiny_sizes(tmp_path):
     assert values["gpu_speedup_over_course_b32"] == f"{speedup:.2f} x"
     assert gpu["profile"]["step_seconds"] > 0 and gpu["scst"]["samples"] > 0
     assert gpu["test"]["images"] == GPU_QUICK.val_images and gpu["encoder"]["toolkit"] > 0
+    assert gpu["cache_build"]["split_images"] == [GPU_QUICK.train_images, GPU_QUICK.val_images]
 
 
 def test_coco_sized_captions_use_every_word_at_coco_lengths():
@@ -191,3 +192,13 @@ def test_the_gpu_check_script_writes_each_part_under_out(tmp_path):
     bench = (out / "bench.txt").read_text()
     assert "gpu: skipped" in bench and "exit status 0" in bench
     assert "gpu" in json.loads((out / "bench.json").read_text())
+
+
+def test_the_cache_build_rate_past_start_up_is_the_extra_images_over_the_extra_seconds():
+    # 0.5 s of start-up a build, then 2,048 images/s: TRAIN 2,048 images in 1.5 s, VAL 1,024 in 1.0 s
+    cache = FeatureCache(("train.hdf5", "val.hdf5"), (0, 0), (2048, 1024), (1.5, 1.0))
+    figures = cache_build_figures(cache, encoder_rate=4096.0)
+    assert figures["images"] == 3072 and figures["images_per_s"] == pytest.approx(3072 / 2.5)
+    assert figures["images_per_s_past_start"] == pytest.approx(2048) and figures["start_seconds"] == pytest.approx(0.5)
+    noisy = cache_build_figures(FeatureCache(("t", "v"), (0, 0), (2048, 1024), (1.0, 1.2)), encoder_rate=4096.0)
+    assert noisy["images_per_s_past_start"] is None and noisy["start_seconds"] is None

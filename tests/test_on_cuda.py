@@ -90,7 +90,9 @@ def test_batched_beam_search_on_cuda_equals_the_one_image_search(name):
 @pytest.mark.parametrize("decoder", ["attention", "adaptive", "transformer"])
 def test_cuda_graphs_train_as_the_step_by_step_loop(tiny_shapes, tmp_path, decoder):
     """Two steps with the teacher-forced pass replayed as CUDA graphs against two eager steps, from the same
-    weights: the same losses and weights after (bf16 autocast, so within its tolerance)."""
+    weights: the same losses and weights after (bf16 autocast, so within its tolerance). The second batch has the
+    first one's shapes and other captions (2 and 5 of its 40 run into the second segment): its step replays the
+    graphs captured by the first on new inputs."""
     results = {}
     for graphs in (False, True):
         cfg = tiny_cfg(tiny_shapes, tmp_path / str(graphs), decoder=decoder, device="cuda", cuda_graphs=graphs,
@@ -98,10 +100,10 @@ def test_cuda_graphs_train_as_the_step_by_step_loop(tiny_shapes, tmp_path, decod
         trainer = training.Trainer(config.validate_cfg(cfg))
         try:
             assert (trainer.decoder_module.training_graphs is not None) == graphs
-            loaded = next(iter(trainer.train_loader))
-            losses = [trainer.train_step(loaded)["loss"][0].item() for _ in range(2)]
+            batches = iter(trainer.train_loader)
+            losses = [trainer.train_step(next(batches))["loss"][0].item() for _ in range(2)]
             results[graphs] = losses, [p.detach().float().cpu() for p in trainer.decoder_module.parameters()]
-            if graphs and decoder != "transformer":  # the same batch twice: each of its segments captured once
+            if graphs and decoder != "transformer":  # each segment captured once, then replayed
                 keys = trainer.decoder_module.training_graphs.graphs
                 assert sorted(key[0] for key in keys) == list(range(len(keys)))
         finally:

@@ -33,6 +33,7 @@ RECOMMENDED_LR = 1.2e-3  # the decoder's learning rate at that batch
 LARGE_BATCH, LARGE_LR = 320, 1.6e-3  # the batch of the earlier GPU figures (docs/benchmarks.md) and its rate
 ENCODER_BATCH = 128  # images per call of the inference encoder pass
 ENCODER_CALLS, ENCODER_ROUNDS = 5, 5  # its timing: calls a timing, timings of each pass
+MOST_WARMUP_STEPS = 200  # untimed steps of a run at most, waiting for its graphs to be captured
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,14 @@ class GpuSizes:
     vocabulary: int
     train_images: int
     val_images: int
-    warmup_steps: int
+    quiet_steps: int  # untimed steps of a run: until this many in a row captured no CUDA graph
     timed_steps: int
     scst_steps: int
     recommended_batch: int
     large_batch: int
 
 
-GPU_FULL = GpuSizes("resnet101", 256, 14, 512, 6, COCO_VOCABULARY, 2048, 1024, 10, 20, 5, RECOMMENDED_BATCH,
+GPU_FULL = GpuSizes("resnet101", 256, 14, 512, 6, COCO_VOCABULARY, 2048, 1024, 30, 20, 5, RECOMMENDED_BATCH,
                     LARGE_BATCH)
 GPU_QUICK = GpuSizes("resnet18", 64, 4, 64, 1, 400, 12, 8, 1, 2, 1, 60, 120)
 
@@ -111,13 +112,20 @@ def gpu_section(work, quick=False):
         trainer = make_trainer(data, work, sizes, decoder, device, batch_size=batch, run_name=run,
                                **dict(common, **overrides))
         steps = training_steps(trainer)
-        captions, seconds = time_side_by_side({run: (steps, sizes.timed_steps)}, sizes.warmup_steps, 1, device)[run]
+        warmup = warm_up(steps, trainer, sizes.quiet_steps)
+        graphs = graph_count(trainer)
+        captions, seconds = time_side_by_side({run: (steps, sizes.timed_steps)}, 0, 1, device)[run]
+        captured_while_timed = graph_count(trainer) - graphs
         rate = captions / seconds
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
         figures["runs"][run] = {"samples_per_s": rate, "captions": captions, "seconds": seconds,
-                                "coco_epoch_minutes": COCO_EPOCH_CAPTIONS / rate / 60, "peak_memory_gib": peak}
+                                "coco_epoch_minutes": COCO_EPOCH_CAPTIONS / rate / 60, "peak_memory_gib": peak,
+                                "warmup_steps": warmup, "graphs": graphs + captured_while_timed,
+                                "graphs_captured_while_timed": captured_while_timed}
+        captured = f", {captured_while_timed} of them captured while timed" if captured_while_timed else ""
         report(f"gpu_train_{run}", f"{rate:,.0f} samples/s (COCO epoch {COCO_EPOCH_CAPTIONS / rate / 60:.1f} min, "
-                                   f"peak memory {peak:.1f} GiB)")
+                                   f"peak memory {peak:.1f} GiB, {warmup} warm-up steps, "
+                                   f"{graphs + captured_while_timed} CUDA graphs{captured})")
         if run == f"attention_cache_bf16_b{sizes.recommended_batch}":
             figures["profile"] = profile_steps(steps, seconds / sizes.timed_steps, device)
             figures["scst"] = scst_section(trainer, data, work, sizes, device, **common)
@@ -132,6 +140,25 @@ def gpu_section(work, quick=False):
     report_ratio("gpu_speedup_over_course_b32", ratio)
     figures["speedup_over_course_b32"] = ratio
     return figures
+
+
+def graph_count(trainer):
+    """The CUDA graphs the trainer's decoder has captured so far (0 without graphs)."""
+    graphs = trainer.decoder_module.training_graphs
+    return 0 if graphs is None else len(graphs.graphs)
+
+
+def warm_up(steps, trainer, quiet_steps, most_steps=MOST_WARMUP_STEPS):
+    """Untimed training steps until `quiet_steps` in a row have captured no new CUDA graph (at most `most_steps`):
+    the timed steps then replay graphs, as nearly all of a COCO run's do, rather than capture them (a capture runs
+    its segment eagerly three times first). Returns the steps run."""
+    run = quiet = 0
+    while quiet < quiet_steps and run < most_steps:
+        before = graph_count(trainer)
+        next(steps)
+        run += 1
+        quiet = quiet + 1 if graph_count(trainer) == before else 0
+    return run
 
 
 def profile_steps(steps, step_seconds, device, count=5):

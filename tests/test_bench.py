@@ -1,11 +1,13 @@
 """bench.py: the quick run prints every figure in its documented format; the COCO projection, the backbone
 table, the step counts and the --gpu section (on the CPU at tiny sizes). Speed ratios are not asserted (timings in
 tests are flaky): they belong in docs/benchmarks.md."""
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import torch
 from benchmarks.coco_sized import random_captions
 from benchmarks.common import BATCH_SIZE, QUICK, FeatureCache, coco_projection
 from benchmarks.encoder import backbone_table
-from benchmarks.gpu import GPU_QUICK, cache_build_figures
+from benchmarks.gpu import GPU_QUICK, cache_build_figures, graph_count, warm_up
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIO_LINES = ("train_speedup_attention", "train_speedup_rnn", "beam_speedup", "preprocess_speedup", "encoder_speedup",
@@ -202,3 +204,23 @@ def test_the_cache_build_rate_past_start_up_is_the_extra_images_over_the_extra_s
     assert figures["images_per_s_past_start"] == pytest.approx(2048) and figures["start_seconds"] == pytest.approx(0.5)
     noisy = cache_build_figures(FeatureCache(("t", "v"), (0, 0), (2048, 1024), (1.0, 1.2)), encoder_rate=4096.0)
     assert noisy["images_per_s_past_start"] is None and noisy["start_seconds"] is None
+
+
+def test_the_warm_up_runs_until_enough_steps_in_a_row_capture_no_graph():
+    """A decoder that captures a graph at steps 1, 2 and 5 (counting from 1): with 3 quiet steps wanted, the
+    warm-up stops after step 8 (two quiet steps, then a capture, then three); with at most 4 steps, after 4."""
+    captured_at = {1, 2, 5}
+    graphs = types.SimpleNamespace(graphs={})
+    trainer = types.SimpleNamespace(decoder_module=types.SimpleNamespace(training_graphs=graphs))
+
+    def steps():
+        for step in itertools.count(1):
+            if step in captured_at:
+                graphs.graphs[step] = None
+            yield BATCH_SIZE, None
+
+    assert warm_up(steps(), trainer, quiet_steps=3) == 8 and len(graphs.graphs) == 3
+    graphs.graphs.clear()
+    assert warm_up(steps(), trainer, quiet_steps=3, most_steps=4) == 4
+    trainer.decoder_module.training_graphs = None  # no graphs: the quiet steps alone
+    assert warm_up(steps(), trainer, quiet_steps=3) == 3 and graph_count(trainer) == 0

@@ -7,15 +7,15 @@
     python bench.py --backbones      # markdown table of the encoder backbones: C, size, GFLOPs, CPU ms
     python bench.py --ddp            # training in 1 against 2 processes (torchrun, one thread each), all-reduce
 
-The CPU part uses the course's model configuration (ResNet-101 with random weights, 256 x 256 images,
-14 x 14 grid, batch 32, embed/attention/decoder 512) and prints one line per figure; the ratios are
-`train_speedup_attention`, `train_speedup_rnn`, `beam_speedup` (with `beam_mismatches`), `encoder_speedup`,
-`cache_build_speedup` and `preprocess_speedup`, each with the absolute figures behind it, and the counts
-`step_aten_ops` and `step_host_syncs` of one training step at COCO's sizes and `graphed_positions_per_position`
-(what the CUDA graphs of the recurrence compute per needed position over a COCO-sized epoch). Every timed part
-runs the toolkit's own code (training.Trainer.train_step, beam_search, create_input_files) after a warm-up, in one process, with
-data loading in that process too (workers=0), so both sides of a ratio pay for it. The sections live in
-benchmarks/, one file each.
+The CPU part uses the course's model configuration (ResNet-101 with random weights, 256 x 256 images, 14 x 14 grid,
+batch 32, embed/attention/decoder 512) and prints one line per figure; the ratios are `train_speedup_attention`,
+`train_speedup_rnn`, `beam_speedup` (with `beam_mismatches`), `encoder_speedup`, `cache_build_speedup` and
+`preprocess_speedup`, each with the absolute figures behind it, and the counts `step_aten_ops` and
+`step_host_syncs` of one training step at COCO's sizes and `graphed_positions_per_position` (what the CUDA graphs
+of the recurrence compute per needed position over a COCO-sized epoch). Every timed part runs the toolkit's own
+code (training.Trainer.train_step, beam_search, create_input_files) after a warm-up, in one process, with data
+loading in that process too (workers=0), so both sides of a ratio pay for it. The sections live in benchmarks/, one
+file each.
 """
 import argparse
 import json
